@@ -1,0 +1,52 @@
+//! aarch64: the memory map, vCPU initialisation and boot registers, and the
+//! vGICv3.
+
+pub mod layout;
+
+#[cfg(target_arch = "aarch64")]
+pub mod gic;
+#[cfg(target_arch = "aarch64")]
+pub mod regs;
+
+/// Errors from aarch64 VM and vCPU setup.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    /// KVM_ARM_PREFERRED_TARGET failed.
+    #[error("KVM could not name a preferred vCPU target for this host CPU")]
+    PreferredTarget(#[source] kvm_ioctls::Error),
+    /// KVM_ARM_VCPU_INIT failed.
+    #[error("KVM_ARM_VCPU_INIT failed for vCPU {index}")]
+    VcpuInit {
+        /// The vCPU index.
+        index: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Setting a vCPU register failed.
+    #[error("could not set register {name} of vCPU {index}")]
+    SetRegister {
+        /// The vCPU index.
+        index: u32,
+        /// The register's name.
+        name: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Creating the vGICv3 failed.
+    #[error(
+        "KVM could not create a GICv3: the host needs a GICv3 (or GICv4) interrupt controller \
+         with virtualisation support"
+    )]
+    CreateGic(#[source] kvm_ioctls::Error),
+    /// Configuring the vGIC failed.
+    #[error("could not set vGIC attribute {what}")]
+    GicAttribute {
+        /// Which attribute.
+        what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}

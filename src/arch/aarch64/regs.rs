@@ -1,0 +1,66 @@
+//! vCPU initialisation and the registers dormouse sets to start a guest.
+
+use std::mem::offset_of;
+
+use kvm_bindings::{
+    kvm_regs, kvm_vcpu_init, user_pt_regs, PSR_MODE_EL1h, KVM_ARM_VCPU_POWER_OFF,
+    KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, PSR_A_BIT, PSR_D_BIT,
+    PSR_F_BIT, PSR_I_BIT,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use super::ArchError;
+
+/// PSTATE at boot: EL1 with SP_EL1, debug, SError, IRQ and FIQ masked (the
+/// arm64 boot protocol).
+pub const BOOT_PSTATE: u64 = (PSR_MODE_EL1h | PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT) as u64;
+
+/// The KVM register id of a 64-bit core register at `offset` in `kvm_regs`.
+const fn core_reg_id(offset: usize) -> u64 {
+    KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE as u64 | (offset / 4) as u64
+}
+
+/// Register id of the program counter.
+pub const PC: u64 = core_reg_id(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, pc));
+/// Register id of PSTATE.
+pub const PSTATE: u64 = core_reg_id(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, pstate));
+/// Register id of x0 (x1..x30 follow at 8-byte steps).
+pub const X0: u64 = core_reg_id(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, regs));
+
+/// Initialises vCPU `index` for PSCI 0.2. Every vCPU but the first starts
+/// powered off, waiting for the guest's PSCI CPU_ON.
+pub fn init_vcpu(vm: &VmFd, vcpu: &VcpuFd, index: u32) -> Result<(), ArchError> {
+    let mut kvi = kvm_vcpu_init::default();
+    vm.get_preferred_target(&mut kvi)
+        .map_err(ArchError::PreferredTarget)?;
+    kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    if index > 0 {
+        kvi.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
+    }
+    vcpu.vcpu_init(&kvi)
+        .map_err(|source| ArchError::VcpuInit { index, source })
+}
+
+fn set_reg(
+    vcpu: &VcpuFd,
+    index: u32,
+    name: &'static str,
+    id: u64,
+    value: u64,
+) -> Result<(), ArchError> {
+    vcpu.set_one_reg(id, &value.to_le_bytes())
+        .map(|_| ())
+        .map_err(|source| ArchError::SetRegister {
+            index,
+            name,
+            source,
+        })
+}
+
+/// Points the boot vCPU at `entry` in EL1h with interrupts masked and `x0`
+/// holding `x0` (the device tree address for a Linux kernel).
+pub fn set_boot_registers(vcpu: &VcpuFd, index: u32, entry: u64, x0: u64) -> Result<(), ArchError> {
+    set_reg(vcpu, index, "PSTATE", PSTATE, BOOT_PSTATE)?;
+    set_reg(vcpu, index, "PC", PC, entry)?;
+    set_reg(vcpu, index, "X0", X0, x0)
+}

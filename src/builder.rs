@@ -1,0 +1,286 @@
+//! [`MicroVmBuilder`]: plain configuration in, a live [`MicroVm`] out.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use vm_memory::GuestAddress;
+
+use crate::arch::aarch64::layout::{self, DRAM_START};
+use crate::devices::serial::SerialOutput;
+use crate::memory;
+use crate::{Error, MicroVm};
+
+/// Default guest RAM size: 128 MiB.
+pub const DEFAULT_MEMORY_SIZE: u64 = 128 << 20;
+/// The KVM device node used unless [`MicroVmBuilder::kvm_device`] says otherwise.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+/// Mistakes in a VM's configuration, found before any KVM resource exists.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A VM needs at least one vCPU.
+    #[error("a VM needs at least one vCPU: call .vcpus(n) with n >= 1")]
+    NoVcpus,
+    /// More vCPUs than KVM or the layout allows.
+    #[error("{requested} vCPUs asked for, but this host allows at most {max}")]
+    TooManyVcpus {
+        /// How many were asked for.
+        requested: u32,
+        /// The limit (KVM's and the memory map's, whichever is lower).
+        max: u32,
+    },
+    /// Nothing to run.
+    #[error("no boot source: give the VM a payload with .payload(bytes, address)")]
+    NoBootSource,
+    /// The payload is empty.
+    #[error("the payload is empty: it must hold at least one instruction")]
+    EmptyPayload,
+    /// The payload's entry point is not instruction-aligned.
+    #[error("payload load address {0:#x} is not 4-byte aligned, so it cannot be an entry point")]
+    MisalignedPayload(u64),
+    /// The payload does not lie inside guest RAM.
+    #[error(
+        "payload of {len:#x} bytes at {addr:#x} does not fit guest RAM \
+         [{ram_start:#x}, {ram_end:#x}): load it inside RAM or give the VM more memory"
+    )]
+    PayloadOutsideMemory {
+        /// Where it was to be loaded.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// First byte of RAM.
+        ram_start: u64,
+        /// First byte past RAM.
+        ram_end: u64,
+    },
+}
+
+/// Raw guest code loaded at an address and entered there.
+#[derive(Debug, Clone)]
+pub(crate) struct Payload {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) addr: GuestAddress,
+}
+
+/// Configures and builds a [`MicroVm`].
+///
+/// Every setter takes plain data; nothing touches KVM until
+/// [`build`](Self::build).
+pub struct MicroVmBuilder {
+    pub(crate) memory_size: u64,
+    pub(crate) vcpus: u32,
+    pub(crate) serial_output: Option<SerialOutput>,
+    pub(crate) payload: Option<Payload>,
+    pub(crate) kvm_device: PathBuf,
+}
+
+impl std::fmt::Debug for MicroVmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroVmBuilder")
+            .field("memory_size", &self.memory_size)
+            .field("vcpus", &self.vcpus)
+            .field("serial_output", &self.serial_output.is_some())
+            .field(
+                "payload",
+                &self.payload.as_ref().map(|p| (p.addr, p.bytes.len())),
+            )
+            .field("kvm_device", &self.kvm_device)
+            .finish()
+    }
+}
+
+impl Default for MicroVmBuilder {
+    fn default() -> Self {
+        Self {
+            memory_size: DEFAULT_MEMORY_SIZE,
+            vcpus: 1,
+            serial_output: None,
+            payload: None,
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+        }
+    }
+}
+
+impl MicroVmBuilder {
+    /// A builder with the defaults: 128 MiB, one vCPU, console discarded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Guest RAM size in bytes (a multiple of 4 KiB).
+    pub fn memory_size(mut self, bytes: u64) -> Self {
+        self.memory_size = bytes;
+        self
+    }
+
+    /// Guest RAM size in MiB.
+    pub fn memory_mib(self, mib: u64) -> Self {
+        self.memory_size(mib.saturating_mul(1 << 20))
+    }
+
+    /// Number of vCPUs. vCPU 0 boots; the others start powered off until
+    /// the guest starts them with PSCI CPU_ON.
+    pub fn vcpus(mut self, count: u32) -> Self {
+        self.vcpus = count;
+        self
+    }
+
+    /// Where the guest's console (UART) output goes. Without one, it is
+    /// discarded.
+    pub fn serial_output(mut self, sink: impl Write + Send + 'static) -> Self {
+        self.serial_output = Some(Box::new(sink));
+        self
+    }
+
+    /// Raw guest code: `bytes` are copied to guest physical `addr`, and vCPU
+    /// 0 starts there in EL1h with the MMU off and interrupts masked.
+    pub fn payload(mut self, bytes: impl Into<Vec<u8>>, addr: GuestAddress) -> Self {
+        self.payload = Some(Payload {
+            bytes: bytes.into(),
+            addr,
+        });
+        self
+    }
+
+    /// The KVM device node to open (default `/dev/kvm`), for hosts that
+    /// expose it elsewhere, e.g. inside a jail.
+    pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kvm_device = path.into();
+        self
+    }
+
+    /// Checks the configuration on its own, before any KVM resource exists.
+    pub fn validate(&self) -> Result<(), Error> {
+        memory::validate_size(self.memory_size)?;
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus.into());
+        }
+        if self.vcpus > layout::MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max: layout::MAX_VCPUS,
+            }
+            .into());
+        }
+        let payload = self.payload.as_ref().ok_or(ConfigError::NoBootSource)?;
+        if payload.bytes.is_empty() {
+            return Err(ConfigError::EmptyPayload.into());
+        }
+        if payload.addr.0 % 4 != 0 {
+            return Err(ConfigError::MisalignedPayload(payload.addr.0).into());
+        }
+        let ram_start = DRAM_START.0;
+        let ram_end = ram_start + self.memory_size;
+        let len = payload.bytes.len() as u64;
+        let fits = payload.addr.0 >= ram_start
+            && payload
+                .addr
+                .0
+                .checked_add(len)
+                .is_some_and(|end| end <= ram_end);
+        if !fits {
+            return Err(ConfigError::PayloadOutsideMemory {
+                addr: payload.addr.0,
+                len,
+                ram_start,
+                ram_end,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Validates the configuration, creates the VM, and leaves it ready to
+    /// [`run`](MicroVm::run).
+    pub fn build(self) -> Result<MicroVm, Error> {
+        MicroVm::from_builder(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Address as _;
+
+    use super::*;
+    use crate::memory::MemoryError;
+
+    fn valid() -> MicroVmBuilder {
+        MicroVmBuilder::new().payload(vec![0; 8], DRAM_START)
+    }
+
+    #[test]
+    fn a_valid_config_passes() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn memory_size_zero_and_unaligned_are_refused() {
+        assert!(matches!(
+            valid().memory_size(0).validate(),
+            Err(Error::Memory(MemoryError::SizeZero))
+        ));
+        assert!(matches!(
+            valid().memory_size((64 << 20) + 100).validate(),
+            Err(Error::Memory(MemoryError::NotPageAligned(_)))
+        ));
+    }
+
+    #[test]
+    fn vcpu_counts_are_checked() {
+        assert!(matches!(
+            valid().vcpus(0).validate(),
+            Err(Error::Config(ConfigError::NoVcpus))
+        ));
+        assert!(matches!(
+            valid().vcpus(layout::MAX_VCPUS + 1).validate(),
+            Err(Error::Config(ConfigError::TooManyVcpus { .. }))
+        ));
+    }
+
+    #[test]
+    fn payloads_must_lie_in_ram() {
+        let err = |b: MicroVmBuilder| match b.validate() {
+            Err(Error::Config(e)) => e,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(err(MicroVmBuilder::new()), ConfigError::NoBootSource);
+        assert_eq!(
+            err(MicroVmBuilder::new().payload(Vec::new(), DRAM_START)),
+            ConfigError::EmptyPayload
+        );
+        assert_eq!(
+            err(MicroVmBuilder::new().payload(vec![0; 4], DRAM_START.unchecked_add(2))),
+            ConfigError::MisalignedPayload(DRAM_START.0 + 2)
+        );
+        // Below RAM, straddling its end, past it, and wrapping the address space.
+        for addr in [
+            0,
+            DRAM_START.0 + DEFAULT_MEMORY_SIZE - 4,
+            DRAM_START.0 + DEFAULT_MEMORY_SIZE,
+            u64::MAX - 3,
+        ] {
+            let e = err(MicroVmBuilder::new().payload(vec![0; 8], GuestAddress(addr)));
+            assert!(
+                matches!(e, ConfigError::PayloadOutsideMemory { .. }),
+                "{addr:#x}: {e:?}"
+            );
+        }
+        // The very last 8 bytes of RAM are fine.
+        MicroVmBuilder::new()
+            .payload(
+                vec![0; 8],
+                GuestAddress(DRAM_START.0 + DEFAULT_MEMORY_SIZE - 8),
+            )
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_missing_kvm_device_is_a_clear_error() {
+        let e = valid().kvm_device("/nonexistent/kvm").build().unwrap_err();
+        assert!(
+            matches!(e, Error::Vm(crate::vm::VmError::KvmNotFound { .. })),
+            "{e:?}"
+        );
+    }
+}

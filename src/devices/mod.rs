@@ -1,0 +1,42 @@
+//! Device models.
+//!
+//! Devices know nothing of KVM: each sees its registers through
+//! [`BusDevice`](crate::bus::BusDevice), raises interrupts through an
+//! [`EventFdTrigger`] (which the VM wires to a GIC SPI with a KVM irqfd), and
+//! writes to a backend it was given. That keeps them testable with no VM.
+
+pub mod serial;
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// An interrupt line backed by an eventfd: writing to it raises the
+/// interrupt once the VM has registered the eventfd as an irqfd.
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// A new, unconnected trigger.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self(EventFd::new(libc::EFD_NONBLOCK)?))
+    }
+
+    /// The eventfd to register with KVM.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+
+    /// Another handle to the same eventfd.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+}
+
+impl vm_superio::Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}

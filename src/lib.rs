@@ -1,0 +1,87 @@
+//! dormouse: an embeddable aarch64 KVM microVM monitor, built for
+//! restoring, suspending and resuming many small VMs fast.
+//!
+//! ```no_run
+//! use dormouse::{ExitReason, GuestAddress, MicroVm, DRAM_START};
+//!
+//! // aarch64 code: `mov x0, #0x84000000; movk x0, #8; hvc #0` (PSCI SYSTEM_OFF).
+//! let code: Vec<u8> = [0xd2b08000u32, 0xf2800100, 0xd4000002]
+//!     .iter()
+//!     .flat_map(|w| w.to_le_bytes())
+//!     .collect();
+//!
+//! let mut vm = MicroVm::builder()
+//!     .memory_mib(128)
+//!     .vcpus(1)
+//!     .serial_output(std::io::stdout())
+//!     .payload(code, DRAM_START)
+//!     .build()?;
+//! assert_eq!(vm.run()?, ExitReason::Shutdown);
+//! # let _ = GuestAddress(0);
+//! # Ok::<(), dormouse::Error>(())
+//! ```
+//!
+//! # What is inside
+//!
+//! - [`MicroVmBuilder`]: plain configuration (memory, vCPUs, boot payload,
+//!   console sink), validated before any KVM resource exists.
+//! - [`MicroVm`]: the VM, its vCPU threads ([`vcpu`]), guest memory
+//!   ([`memory`]), the MMIO bus ([`bus`]) and devices ([`devices`]).
+//! - [`arch::aarch64`]: the memory map, vCPU registers and the vGICv3.
+//!
+//! dormouse runs aarch64 guests on aarch64 Linux hosts with KVM and a GICv3.
+//! The crate compiles on other hosts (so that its arch-neutral parts can be
+//! tested there), where [`MicroVmBuilder::build`] returns
+//! [`Error::UnsupportedArchitecture`].
+//!
+//! # Signals
+//!
+//! vCPU threads are kicked out of the guest with `SIGRTMIN`; a program that
+//! embeds dormouse must leave that signal to it.
+
+pub mod arch;
+pub mod builder;
+pub mod bus;
+pub mod devices;
+pub mod memory;
+mod microvm;
+pub mod vcpu;
+pub mod vm;
+
+pub use arch::aarch64::layout::DRAM_START;
+pub use builder::{ConfigError, MicroVmBuilder};
+pub use microvm::MicroVm;
+pub use vcpu::ExitReason;
+pub use vm_memory::GuestAddress;
+
+/// Everything that can go wrong building or running a [`MicroVm`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// KVM (the device, the VM, memory slots, irqfds) failed.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// aarch64 vCPU or vGIC setup failed.
+    #[error(transparent)]
+    Arch(#[from] arch::aarch64::ArchError),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// Devices could not be placed on the bus.
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+    /// A device could not be created.
+    #[error("could not create a device: {0}")]
+    Device(#[source] std::io::Error),
+    /// This host cannot run dormouse guests.
+    #[error("dormouse runs aarch64 guests on aarch64 hosts only; this host is {0}")]
+    UnsupportedArchitecture(&'static str),
+    /// [`MicroVm::run`] was called on a VM that already stopped.
+    #[error("the VM already stopped ({0:?}); build a new one to run again")]
+    AlreadyStopped(ExitReason),
+}

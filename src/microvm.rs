@@ -1,0 +1,261 @@
+//! [`MicroVm`]: a built VM, and the phases that build it.
+
+#[cfg(target_arch = "aarch64")]
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::aarch64::layout;
+use crate::builder::{ConfigError, MicroVmBuilder};
+use crate::bus::MmioBus;
+use crate::devices::serial::SerialDevice;
+#[cfg(target_arch = "aarch64")]
+use crate::devices::EventFdTrigger;
+#[cfg(target_arch = "aarch64")]
+use crate::memory;
+use crate::memory::GuestMemoryMmap;
+use crate::vcpu::{self, ExitReason, Vcpu, VcpuError};
+use crate::{vm, Error};
+
+/// A built microVM.
+///
+/// Made by [`MicroVm::builder`]; started with [`run`](Self::run).
+// Field order is drop order: vCPUs and the vGIC go before the VM fd, and the
+// VM fd before the guest memory it maps.
+pub struct MicroVm {
+    vcpus: Vec<Vcpu>,
+    #[cfg(target_arch = "aarch64")]
+    _gic: crate::arch::aarch64::gic::Gic,
+    bus: Arc<MmioBus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    _vm: VmFd,
+    memory: GuestMemoryMmap,
+    exit: Option<ExitReason>,
+}
+
+impl std::fmt::Debug for MicroVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroVm")
+            .field("vcpus", &self.vcpus.len())
+            .field("bus", &self.bus)
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a vCPU thread reports when it ends.
+type VcpuReport = (u32, Result<Option<ExitReason>, VcpuError>);
+
+impl MicroVm {
+    /// Starts configuring a VM.
+    pub fn builder() -> MicroVmBuilder {
+        MicroVmBuilder::new()
+    }
+
+    pub(crate) fn from_builder(config: MicroVmBuilder) -> Result<Self, Error> {
+        config.validate()?;
+        let kvm = vm::open_kvm(&config.kvm_device)?;
+        check_vcpu_limit(&kvm, config.vcpus)?;
+        build_for_arch(kvm, config)
+    }
+
+    /// Guest memory, for inspecting or preparing guest state.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// How many guest MMIO accesses hit an address no device owns (they read
+    /// as zero and writes are dropped; see [`crate::bus`]).
+    pub fn unhandled_mmio_accesses(&self) -> u64 {
+        self.bus.unhandled_accesses()
+    }
+
+    /// How many console bytes could not be delivered to the serial sink.
+    pub fn serial_output_errors(&self) -> u64 {
+        self.serial
+            .lock()
+            .map(|s| s.output_errors())
+            .unwrap_or_else(|p| p.into_inner().output_errors())
+    }
+
+    /// Runs the guest until it powers off, resets, or a vCPU fails.
+    ///
+    /// Each vCPU runs on its own thread; this call blocks the caller until
+    /// the VM stops, then stops every vCPU before returning. A VM runs once:
+    /// calling `run` again after it stopped gives [`Error::AlreadyStopped`].
+    pub fn run(&mut self) -> Result<ExitReason, Error> {
+        if let Some(reason) = self.exit {
+            return Err(Error::AlreadyStopped(reason));
+        }
+        vcpu::install_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<VcpuReport>();
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut outcome = None;
+        for vcpu in self.vcpus.drain(..) {
+            match spawn_vcpu(vcpu, self.bus.clone(), stop.clone(), tx.clone()) {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    outcome = Some(Err(e));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let outcome = outcome.unwrap_or_else(|| first_stop(&rx));
+
+        stop.store(true, Ordering::Release);
+        for (_, handle) in &threads {
+            // ESRCH (thread already gone) is fine: it saw `stop` or ended.
+            let _ = handle.kill(vcpu::kick_signal());
+        }
+        let mut panicked = None;
+        for (index, handle) in threads {
+            match handle.join() {
+                Ok(Some(vcpu)) => self.vcpus.push(vcpu),
+                Ok(None) | Err(_) => panicked = Some(index),
+            }
+        }
+        self.vcpus.sort_by_key(Vcpu::index);
+        let reason = outcome?;
+        if let Some(index) = panicked {
+            return Err(VcpuError::ThreadPanicked { index }.into());
+        }
+        self.exit = Some(reason);
+        Ok(reason)
+    }
+}
+
+/// Waits for the first vCPU that stops the VM.
+fn first_stop(rx: &mpsc::Receiver<VcpuReport>) -> Result<ExitReason, Error> {
+    loop {
+        match rx.recv() {
+            Ok((_, Ok(Some(reason)))) => return Ok(reason),
+            Ok((_, Err(e))) => return Err(e.into()),
+            // Only happens once `stop` is set, which is after this returns.
+            Ok((_, Ok(None))) => continue,
+            // Every thread ended without a report: all panicked.
+            Err(mpsc::RecvError) => return Err(VcpuError::ThreadPanicked { index: 0 }.into()),
+        }
+    }
+}
+
+type VcpuThread = (u32, JoinHandle<Option<Vcpu>>);
+
+fn spawn_vcpu(
+    mut vcpu: Vcpu,
+    bus: Arc<MmioBus>,
+    stop: Arc<AtomicBool>,
+    tx: mpsc::Sender<VcpuReport>,
+) -> Result<VcpuThread, Error> {
+    let index = vcpu.index();
+    let handle = thread::Builder::new()
+        .name(format!("dormouse-vcpu{index}"))
+        .spawn(move || {
+            let result = catch_unwind(AssertUnwindSafe(|| vcpu.run_until_stopped(&bus, &stop)));
+            match result {
+                Ok(report) => {
+                    // The receiver only goes away once `run` returns, after
+                    // every thread was joined; a failed send cannot happen.
+                    let _ = tx.send((index, report));
+                    Some(vcpu)
+                }
+                Err(_) => {
+                    let _ = tx.send((index, Err(VcpuError::ThreadPanicked { index })));
+                    None
+                }
+            }
+        })
+        .map_err(|source| VcpuError::Spawn { index, source })?;
+    Ok((index, handle))
+}
+
+fn check_vcpu_limit(kvm: &Kvm, requested: u32) -> Result<(), Error> {
+    let kvm_max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+    let max = kvm_max.min(layout::MAX_VCPUS);
+    if requested > max {
+        return Err(ConfigError::TooManyVcpus { requested, max }.into());
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "aarch64")]
+fn new_serial(
+    config: &mut MicroVmBuilder,
+) -> io::Result<(Arc<Mutex<SerialDevice>>, EventFdTrigger)> {
+    let trigger = EventFdTrigger::new()?;
+    let output = config
+        .serial_output
+        .take()
+        .unwrap_or_else(|| Box::new(io::sink()));
+    let serial = SerialDevice::new(trigger.try_clone()?, output);
+    Ok((Arc::new(Mutex::new(serial)), trigger))
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn build_for_arch(_kvm: Kvm, _config: MicroVmBuilder) -> Result<MicroVm, Error> {
+    Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
+}
+
+/// The build recipe: VM → memory → payload → vCPUs → vGIC → devices →
+/// boot registers. vCPUs are left stopped until [`MicroVm::run`].
+#[cfg(target_arch = "aarch64")]
+fn build_for_arch(kvm: Kvm, mut config: MicroVmBuilder) -> Result<MicroVm, Error> {
+    use vm_memory::Bytes;
+
+    use crate::arch::aarch64::gic::Gic;
+    use crate::arch::aarch64::regs;
+
+    let vm = vm::create_vm(&kvm)?;
+    let memory = memory::create(config.memory_size)?;
+    vm::register_memory(&vm, &memory)?;
+
+    let payload = config.payload.take().ok_or(ConfigError::NoBootSource)?;
+    memory
+        .write_slice(&payload.bytes, payload.addr)
+        .map_err(|_| ConfigError::PayloadOutsideMemory {
+            addr: payload.addr.0,
+            len: payload.bytes.len() as u64,
+            ram_start: layout::DRAM_START.0,
+            ram_end: memory::end(&memory).0,
+        })?;
+
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(index.into())
+            .map_err(|source| VcpuError::Create { index, source })?;
+        regs::init_vcpu(&vm, &fd, index)?;
+        vcpus.push(Vcpu::new(index, fd));
+    }
+
+    let gic = Gic::new(&vm)?;
+    gic.finalize()?;
+
+    let mut bus = MmioBus::new();
+    let (serial, trigger) = new_serial(&mut config).map_err(Error::Device)?;
+    vm::register_irqfd(&vm, trigger.eventfd(), layout::SERIAL_SPI)?;
+    bus.insert(layout::SERIAL_START.0, layout::SERIAL_SIZE, serial.clone())?;
+
+    regs::set_boot_registers(vcpus[0].fd(), 0, payload.addr.0, 0)?;
+
+    Ok(MicroVm {
+        vcpus,
+        _gic: gic,
+        bus: Arc::new(bus),
+        serial,
+        _vm: vm,
+        memory,
+        exit: None,
+    })
+}

@@ -1,0 +1,212 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch, and how a vCPU is kicked
+//! out of the guest.
+//!
+//! Each vCPU runs on its own thread. MMIO exits go to the [`MmioBus`];
+//! system events (PSCI SYSTEM_OFF, SYSTEM_RESET) end the VM. PSCI CPU_ON and
+//! friends are handled by KVM in the kernel.
+//!
+//! **Kicking.** To stop a vCPU that may be inside KVM_RUN, the owner sets the
+//! shared stop flag and sends the thread [`kick_signal`]. The signal handler
+//! sets `immediate_exit` in that vCPU's `kvm_run` page, so a kick that lands
+//! just before the thread enters KVM_RUN still makes KVM_RUN return at once
+//! with EINTR: no kick is ever lost. dormouse claims `SIGRTMIN + 0` for this
+//! in processes that embed it.
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use libc::{c_int, c_void, siginfo_t};
+use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
+
+use crate::bus::MmioBus;
+
+/// Why a VM stopped running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// The guest powered off (PSCI SYSTEM_OFF).
+    Shutdown,
+    /// The guest asked for a reboot (PSCI SYSTEM_RESET), e.g. after a kernel
+    /// panic with `panic=-1`. dormouse does not reboot by itself: the caller
+    /// decides whether to build a new VM.
+    Reset,
+    /// KVM reported a guest crash event.
+    Crash,
+}
+
+/// Errors on a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("could not create vCPU {index}")]
+    Create {
+        /// The vCPU index.
+        index: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_RUN failed. `ENOSYS` here usually means the guest touched MMIO
+    /// with an instruction KVM cannot decode (e.g. a load pair).
+    #[error("KVM_RUN on vCPU {index} failed; the VM was stopped")]
+    Run {
+        /// The vCPU index.
+        index: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM returned an exit dormouse does not handle.
+    #[error("vCPU {index} stopped on an unexpected KVM exit: {exit}; the VM was stopped")]
+    UnexpectedExit {
+        /// The vCPU index.
+        index: u32,
+        /// What the exit was.
+        exit: String,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("could not install the vCPU kick signal handler (SIGRTMIN)")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU thread could not be spawned.
+    #[error("could not spawn the thread for vCPU {index}")]
+    Spawn {
+        /// The vCPU index.
+        index: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU thread panicked (a dormouse bug).
+    #[error("the thread of vCPU {index} panicked: please report this as a dormouse bug")]
+    ThreadPanicked {
+        /// The vCPU index.
+        index: u32,
+    },
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's vCPU `immediate_exit` byte, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
+    // Only async-signal-safe work here: a volatile store to a byte.
+    IMMEDIATE_EXIT.with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is set by `Vcpu::run_until_stopped` on this
+            // very thread to the `immediate_exit` byte of the vCPU's kvm_run
+            // mapping and cleared before that function returns, while the
+            // mapping is alive (it lives as long as the `VcpuFd`, which the
+            // function borrows). KVM reads this byte on entry to KVM_RUN; a
+            // byte store cannot tear.
+            unsafe { ptr::write_volatile(p, 1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal);
+    });
+    result
+}
+
+/// One vCPU: its KVM fd and what it dispatches exits to.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Wraps a created (and arch-initialised) vCPU.
+    pub fn new(index: u32, fd: VcpuFd) -> Self {
+        Self { index, fd }
+    }
+
+    /// The vCPU's index (its KVM vCPU id).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The KVM fd, for arch-specific register setup.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs the guest on the calling thread until it stops the VM or `stop`
+    /// is set (then `Ok(None)`). The caller sets `stop` and sends
+    /// [`kick_signal`] to this thread to end it early.
+    pub fn run_until_stopped(
+        &mut self,
+        bus: &MmioBus,
+        stop: &AtomicBool,
+    ) -> Result<Option<ExitReason>, VcpuError> {
+        // The thread may have inherited a mask that blocks the kick.
+        let _ = unblock_signal(kick_signal());
+        let immediate_exit = ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        let result = self.run_loop(bus, stop);
+        IMMEDIATE_EXIT.with(|p| p.set(ptr::null_mut()));
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+
+    fn run_loop(
+        &mut self,
+        bus: &MmioBus,
+        stop: &AtomicBool,
+    ) -> Result<Option<ExitReason>, VcpuError> {
+        let index = self.index;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    bus.read(addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    bus.write(addr, data);
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => return Ok(Some(ExitReason::Shutdown)),
+                    KVM_SYSTEM_EVENT_RESET => return Ok(Some(ExitReason::Reset)),
+                    KVM_SYSTEM_EVENT_CRASH => return Ok(Some(ExitReason::Crash)),
+                    other => {
+                        return Err(VcpuError::UnexpectedExit {
+                            index,
+                            exit: format!("system event {other}"),
+                        })
+                    }
+                },
+                Ok(VcpuExit::Intr) => {}
+                Ok(other) => {
+                    return Err(VcpuError::UnexpectedExit {
+                        index,
+                        exit: format!("{other:?}"),
+                    })
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked (or a spurious signal): clear the flag the
+                    // handler may have set, then look at `stop` again.
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(source) => return Err(VcpuError::Run { index, source }),
+            }
+        }
+    }
+}
