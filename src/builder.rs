@@ -1,17 +1,26 @@
 //! [`MicroVmBuilder`]: plain configuration in, a live [`MicroVm`] out.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
+
+use linux_loader::cmdline::Cmdline;
 
 use vm_memory::GuestAddress;
 
 use crate::arch::aarch64::layout::{self, DRAM_START};
-use crate::devices::serial::SerialOutput;
+use crate::devices::serial::{SerialInput, SerialOutput};
 use crate::memory;
 use crate::{Error, MicroVm};
 
 /// Default guest RAM size: 128 MiB.
 pub const DEFAULT_MEMORY_SIZE: u64 = 128 << 20;
+/// The kernel command line used unless [`MicroVmBuilder::cmdline`] replaces
+/// it: the console on the UART, and a reboot (so [`ExitReason::Reset`](crate::ExitReason::Reset))
+/// on a kernel panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
+/// The longest kernel command line arm64 Linux accepts (COMMAND_LINE_SIZE,
+/// terminating NUL included).
+pub const CMDLINE_MAX: usize = 2048;
 /// The KVM device node used unless [`MicroVmBuilder::kvm_device`] says otherwise.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
@@ -30,8 +39,25 @@ pub enum ConfigError {
         max: u32,
     },
     /// Nothing to run.
-    #[error("no boot source: give the VM a payload with .payload(bytes, address)")]
+    #[error("no boot source: give the VM a kernel with .kernel(path) or raw code with .payload(bytes, address)")]
     NoBootSource,
+    /// Both a kernel and a raw payload were given.
+    #[error("both .kernel() and .payload() were given: a VM boots one or the other")]
+    ConflictingBootSources,
+    /// An initrd or command line was given without a kernel.
+    #[error(".initrd() and .cmdline() need a .kernel() to go with them")]
+    KernelOptionWithoutKernel,
+    /// The command line is longer than the kernel accepts.
+    #[error("the kernel command line is {len} bytes; arm64 Linux accepts at most {max}")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit (without the terminating NUL).
+        max: usize,
+    },
+    /// The command line has characters the kernel cannot take.
+    #[error("invalid kernel command line: {0} (use printable ASCII, no NUL or newline)")]
+    InvalidCmdline(String),
     /// The payload is empty.
     #[error("the payload is empty: it must hold at least one instruction")]
     EmptyPayload,
@@ -70,7 +96,12 @@ pub struct MicroVmBuilder {
     pub(crate) memory_size: u64,
     pub(crate) vcpus: u32,
     pub(crate) serial_output: Option<SerialOutput>,
+    pub(crate) serial_input: Option<SerialInput>,
     pub(crate) payload: Option<Payload>,
+    pub(crate) kernel: Option<PathBuf>,
+    pub(crate) initrd: Option<PathBuf>,
+    pub(crate) cmdline: Option<String>,
+    pub(crate) rtc: bool,
     pub(crate) kvm_device: PathBuf,
 }
 
@@ -95,7 +126,12 @@ impl Default for MicroVmBuilder {
             memory_size: DEFAULT_MEMORY_SIZE,
             vcpus: 1,
             serial_output: None,
+            serial_input: None,
             payload: None,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            rtc: true,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
         }
     }
@@ -132,6 +168,39 @@ impl MicroVmBuilder {
         self
     }
 
+    /// Where the guest's console input comes from (e.g. stdin). A thread
+    /// feeds it to the UART as the guest drains it; it ends at end of input
+    /// or when the VM is dropped.
+    pub fn serial_input(mut self, source: impl Read + Send + 'static) -> Self {
+        self.serial_input = Some(Box::new(source));
+        self
+    }
+
+    /// Boots an arm64 Linux `Image` (uncompressed) from `path`.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// An initrd (initramfs) for the kernel.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// The kernel command line, replacing [`DEFAULT_CMDLINE`] (extend it
+    /// with `format!("{DEFAULT_CMDLINE} ...")` to keep the defaults).
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = Some(cmdline.into());
+        self
+    }
+
+    /// Whether the VM has a PL031 real-time clock (default: yes).
+    pub fn rtc(mut self, enabled: bool) -> Self {
+        self.rtc = enabled;
+        self
+    }
+
     /// Raw guest code: `bytes` are copied to guest physical `addr`, and vCPU
     /// 0 starts there in EL1h with the MMU off and interrupts masked.
     pub fn payload(mut self, bytes: impl Into<Vec<u8>>, addr: GuestAddress) -> Self {
@@ -162,7 +231,20 @@ impl MicroVmBuilder {
             }
             .into());
         }
-        let payload = self.payload.as_ref().ok_or(ConfigError::NoBootSource)?;
+        match (&self.payload, &self.kernel) {
+            (Some(_), Some(_)) => Err(ConfigError::ConflictingBootSources.into()),
+            (None, None) => Err(ConfigError::NoBootSource.into()),
+            (Some(payload), None) => {
+                if self.initrd.is_some() || self.cmdline.is_some() {
+                    return Err(ConfigError::KernelOptionWithoutKernel.into());
+                }
+                self.validate_payload(payload)
+            }
+            (None, Some(_)) => self.kernel_cmdline().map(drop).map_err(Error::from),
+        }
+    }
+
+    fn validate_payload(&self, payload: &Payload) -> Result<(), Error> {
         if payload.bytes.is_empty() {
             return Err(ConfigError::EmptyPayload.into());
         }
@@ -188,6 +270,27 @@ impl MicroVmBuilder {
             .into());
         }
         Ok(())
+    }
+
+    /// The command line the kernel gets, checked.
+    pub(crate) fn kernel_cmdline(&self) -> Result<String, ConfigError> {
+        let text = self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+        // The kernel needs room for the terminating NUL.
+        let max = CMDLINE_MAX - 1;
+        if text.len() > max {
+            return Err(ConfigError::CmdlineTooLong {
+                len: text.len(),
+                max,
+            });
+        }
+        let cmdline = Cmdline::try_from(text, CMDLINE_MAX)
+            .map_err(|e| ConfigError::InvalidCmdline(e.to_string()))?;
+        let cstring = cmdline
+            .as_cstring()
+            .map_err(|e| ConfigError::InvalidCmdline(e.to_string()))?;
+        cstring
+            .into_string()
+            .map_err(|e| ConfigError::InvalidCmdline(e.to_string()))
     }
 
     /// Validates the configuration, creates the VM, and leaves it ready to
@@ -273,6 +376,42 @@ mod tests {
             )
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn kernel_boot_options_are_checked() {
+        let err = |b: MicroVmBuilder| match b.validate() {
+            Err(Error::Config(e)) => e,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        let kernel = || MicroVmBuilder::new().kernel("/boot/Image");
+        kernel().validate().unwrap();
+        assert_eq!(kernel().kernel_cmdline().unwrap(), DEFAULT_CMDLINE);
+        assert_eq!(
+            err(kernel().payload(vec![0; 4], DRAM_START)),
+            ConfigError::ConflictingBootSources
+        );
+        assert_eq!(
+            err(valid().initrd("/boot/initrd")),
+            ConfigError::KernelOptionWithoutKernel
+        );
+        assert_eq!(
+            err(valid().cmdline("quiet")),
+            ConfigError::KernelOptionWithoutKernel
+        );
+        // 2047 characters fit (with the NUL), 2048 do not.
+        kernel().cmdline("a".repeat(2047)).validate().unwrap();
+        assert_eq!(
+            err(kernel().cmdline("a".repeat(2048))),
+            ConfigError::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            }
+        );
+        assert!(matches!(
+            err(kernel().cmdline("console=ttyS0\0quiet")),
+            ConfigError::InvalidCmdline(_)
+        ));
     }
 
     #[test]

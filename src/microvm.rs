@@ -15,6 +15,17 @@ use crate::builder::{ConfigError, MicroVmBuilder};
 use crate::bus::MmioBus;
 use crate::devices::serial::SerialDevice;
 #[cfg(target_arch = "aarch64")]
+use vm_memory::{Bytes, GuestAddress};
+
+#[cfg(target_arch = "aarch64")]
+use crate::arch::aarch64::fdt::{create_fdt, FdtConfig, MmioDeviceInfo};
+#[cfg(target_arch = "aarch64")]
+use crate::arch::aarch64::ArchError;
+#[cfg(target_arch = "aarch64")]
+use crate::devices::rtc::{RtcDevice, RTC_SIZE};
+#[cfg(target_arch = "aarch64")]
+use crate::devices::serial;
+#[cfg(target_arch = "aarch64")]
 use crate::devices::EventFdTrigger;
 #[cfg(target_arch = "aarch64")]
 use crate::memory;
@@ -189,46 +200,22 @@ fn check_vcpu_limit(kvm: &Kvm, requested: u32) -> Result<(), Error> {
     Ok(())
 }
 
-#[cfg(target_arch = "aarch64")]
-fn new_serial(
-    config: &mut MicroVmBuilder,
-) -> io::Result<(Arc<Mutex<SerialDevice>>, EventFdTrigger)> {
-    let trigger = EventFdTrigger::new()?;
-    let output = config
-        .serial_output
-        .take()
-        .unwrap_or_else(|| Box::new(io::sink()));
-    let serial = SerialDevice::new(trigger.try_clone()?, output);
-    Ok((Arc::new(Mutex::new(serial)), trigger))
-}
-
 #[cfg(not(target_arch = "aarch64"))]
 fn build_for_arch(_kvm: Kvm, _config: MicroVmBuilder) -> Result<MicroVm, Error> {
     Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
 }
 
-/// The build recipe: VM → memory → payload → vCPUs → vGIC → devices →
-/// boot registers. vCPUs are left stopped until [`MicroVm::run`].
+/// The build recipe: VM → memory → vCPUs → vGIC → devices → boot source
+/// (kernel, initrd, device tree, or a raw payload) → boot registers. vCPUs
+/// are left stopped until [`MicroVm::run`].
 #[cfg(target_arch = "aarch64")]
 fn build_for_arch(kvm: Kvm, mut config: MicroVmBuilder) -> Result<MicroVm, Error> {
-    use vm_memory::Bytes;
-
     use crate::arch::aarch64::gic::Gic;
     use crate::arch::aarch64::regs;
 
     let vm = vm::create_vm(&kvm)?;
     let memory = memory::create(config.memory_size)?;
     vm::register_memory(&vm, &memory)?;
-
-    let payload = config.payload.take().ok_or(ConfigError::NoBootSource)?;
-    memory
-        .write_slice(&payload.bytes, payload.addr)
-        .map_err(|_| ConfigError::PayloadOutsideMemory {
-            addr: payload.addr.0,
-            len: payload.bytes.len() as u64,
-            ram_start: layout::DRAM_START.0,
-            ram_end: memory::end(&memory).0,
-        })?;
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
@@ -242,20 +229,148 @@ fn build_for_arch(kvm: Kvm, mut config: MicroVmBuilder) -> Result<MicroVm, Error
     let gic = Gic::new(&vm)?;
     gic.finalize()?;
 
-    let mut bus = MmioBus::new();
-    let (serial, trigger) = new_serial(&mut config).map_err(Error::Device)?;
-    vm::register_irqfd(&vm, trigger.eventfd(), layout::SERIAL_SPI)?;
-    bus.insert(layout::SERIAL_START.0, layout::SERIAL_SIZE, serial.clone())?;
+    let devices = attach_devices(&vm, &mut config)?;
+    let (entry, x0) = load_boot_source(&memory, &vcpus, &devices, &config)?;
+    regs::set_boot_registers(vcpus[0].fd(), 0, entry.0, x0)?;
 
-    regs::set_boot_registers(vcpus[0].fd(), 0, payload.addr.0, 0)?;
+    // Last: nothing can fail once the console thread runs.
+    if let Some(input) = config.serial_input.take() {
+        serial::spawn_input_thread(Arc::downgrade(&devices.serial), input)
+            .map_err(Error::Device)?;
+    }
 
     Ok(MicroVm {
         vcpus,
         _gic: gic,
-        bus: Arc::new(bus),
-        serial,
+        bus: Arc::new(devices.bus),
+        serial: devices.serial,
         _vm: vm,
         memory,
         exit: None,
     })
+}
+
+/// The devices on the bus, and how the device tree describes them.
+#[cfg(target_arch = "aarch64")]
+struct Devices {
+    bus: MmioBus,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_info: MmioDeviceInfo,
+    rtc_info: Option<MmioDeviceInfo>,
+}
+
+#[cfg(target_arch = "aarch64")]
+fn attach_devices(vm: &VmFd, config: &mut MicroVmBuilder) -> Result<Devices, Error> {
+    let mut bus = MmioBus::new();
+
+    let trigger = EventFdTrigger::new().map_err(Error::Device)?;
+    let output = config
+        .serial_output
+        .take()
+        .unwrap_or_else(|| Box::new(io::sink()));
+    let serial_trigger = trigger.try_clone().map_err(Error::Device)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_trigger, output)));
+    vm::register_irqfd(vm, trigger.eventfd(), layout::SERIAL_SPI)?;
+    bus.insert(layout::SERIAL_START.0, layout::SERIAL_SIZE, serial.clone())?;
+    let serial_info = MmioDeviceInfo {
+        base: layout::SERIAL_START,
+        size: layout::SERIAL_SIZE,
+        spi: Some(layout::SERIAL_SPI),
+    };
+
+    let rtc_info = if config.rtc {
+        bus.insert(
+            layout::RTC_START.0,
+            RTC_SIZE,
+            Arc::new(Mutex::new(RtcDevice::new())),
+        )?;
+        // vm-superio's PL031 raises no alarm interrupt, so none is wired.
+        Some(MmioDeviceInfo {
+            base: layout::RTC_START,
+            size: RTC_SIZE,
+            spi: None,
+        })
+    } else {
+        None
+    };
+
+    Ok(Devices {
+        bus,
+        serial,
+        serial_info,
+        rtc_info,
+    })
+}
+
+/// Loads the kernel, initrd and device tree, or the raw payload. Returns
+/// the entry point and the value for x0.
+#[cfg(target_arch = "aarch64")]
+fn load_boot_source(
+    memory: &GuestMemoryMmap,
+    vcpus: &[Vcpu],
+    devices: &Devices,
+    config: &MicroVmBuilder,
+) -> Result<(GuestAddress, u64), Error> {
+    use crate::arch::aarch64::{boot, regs};
+
+    if let Some(payload) = &config.payload {
+        memory
+            .write_slice(&payload.bytes, payload.addr)
+            .map_err(|_| ConfigError::PayloadOutsideMemory {
+                addr: payload.addr.0,
+                len: payload.bytes.len() as u64,
+                ram_start: layout::DRAM_START.0,
+                ram_end: memory::end(memory).0,
+            })?;
+        return Ok((payload.addr, 0));
+    }
+    let kernel = config.kernel.as_deref().ok_or(ConfigError::NoBootSource)?;
+    let ram = (layout::DRAM_START, config.memory_size);
+    let loaded =
+        boot::load(memory, ram, kernel, config.initrd.as_deref()).map_err(ArchError::from)?;
+
+    let vcpu_mpidrs = vcpus
+        .iter()
+        .map(|v| regs::mpidr(v.fd(), v.index()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rng_seed = [0u8; 64];
+    host_random(&mut rng_seed).map_err(Error::Device)?;
+    let mut kaslr_seed = [0u8; 8];
+    host_random(&mut kaslr_seed).map_err(Error::Device)?;
+    let fdt = create_fdt(&FdtConfig {
+        vcpu_mpidrs,
+        memory: ram,
+        cmdline: config.kernel_cmdline()?,
+        initrd: loaded.initrd,
+        serial: devices.serial_info,
+        rtc: devices.rtc_info,
+        virtio: Vec::new(),
+        rng_seed,
+        kaslr_seed: u64::from_le_bytes(kaslr_seed),
+    })
+    .map_err(ArchError::from)?;
+    boot::write_fdt(memory, loaded.fdt, &fdt).map_err(ArchError::from)?;
+    Ok((loaded.entry, loaded.fdt.0))
+}
+
+/// Fills `buf` from the host's RNG.
+#[cfg(target_arch = "aarch64")]
+fn host_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes;
+        // getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! [`EventFdTrigger`] (which the VM wires to a GIC SPI with a KVM irqfd), and
 //! writes to a backend it was given. That keeps them testable with no VM.
 
+pub mod rtc;
 pub mod serial;
 
 use std::io;

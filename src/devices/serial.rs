@@ -4,7 +4,10 @@
 //! `reg-io-width = 1` in device-tree terms). Accesses of any other width are
 //! read as zero and dropped on write: the guest controls the width.
 
-use std::io::Write;
+use std::io::{self, Read, Write};
+use std::sync::{Mutex, Weak};
+use std::thread;
+use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
@@ -14,6 +17,8 @@ use crate::bus::BusDevice;
 
 /// The sink the guest's console output goes to.
 pub type SerialOutput = Box<dyn Write + Send>;
+/// The source the guest's console input comes from.
+pub type SerialInput = Box<dyn Read + Send>;
 
 /// A 16550 UART wired to an output sink and an interrupt trigger.
 pub struct SerialDevice {
@@ -41,11 +46,58 @@ impl SerialDevice {
         }
     }
 
+    /// Queues console input for the guest. Returns how many bytes fit in
+    /// the receive FIFO (0 when it is full: try again once the guest read).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        // FullFifo and a failed interrupt both mean "not now".
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
     /// How many guest writes could not be delivered to the output sink or
     /// failed to raise the interrupt.
     pub fn output_errors(&self) -> u64 {
         self.output_errors
     }
+}
+
+/// Feeds `input` to the UART on a thread of its own until `input` ends or
+/// the device is dropped. When the guest does not drain its FIFO, the
+/// thread waits rather than dropping bytes.
+pub fn spawn_input_thread(
+    device: Weak<Mutex<SerialDevice>>,
+    mut input: SerialInput,
+) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("dormouse-console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("serial console input ended: {e}");
+                        return;
+                    }
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let Some(device) = device.upgrade() else {
+                        return;
+                    };
+                    let sent = device
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue_input(pending);
+                    drop(device);
+                    pending = &pending[sent..];
+                    if !pending.is_empty() {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })
 }
 
 impl BusDevice for SerialDevice {
@@ -130,6 +182,54 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_eq!(lsr[0] & 0x60, 0x60, "THR empty and transmitter idle");
+    }
+
+    #[test]
+    fn input_reaches_the_receive_buffer_without_loss() {
+        use std::sync::Arc;
+
+        let dev = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new().unwrap(),
+            Box::new(Sink::default()),
+        )));
+        // More than the 64-byte FIFO holds: the thread must wait, not drop.
+        let text: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
+        let handle = spawn_input_thread(
+            Arc::downgrade(&dev),
+            Box::new(io::Cursor::new(text.clone())),
+        )
+        .unwrap();
+        let mut received = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while received.len() < text.len() && std::time::Instant::now() < deadline {
+            let mut d = dev.lock().unwrap();
+            let mut lsr = [0u8];
+            d.read(5, &mut lsr);
+            if lsr[0] & 1 == 1 {
+                let mut byte = [0u8];
+                d.read(0, &mut byte);
+                received.push(byte[0]);
+            } else {
+                drop(d);
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        handle.join().unwrap();
+        assert_eq!(received, text);
+    }
+
+    #[test]
+    fn the_input_thread_ends_when_the_device_is_gone() {
+        use std::sync::Arc;
+
+        let dev = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new().unwrap(),
+            Box::new(Sink::default()),
+        )));
+        let weak = Arc::downgrade(&dev);
+        drop(dev);
+        let handle = spawn_input_thread(weak, Box::new(io::repeat(b'x'))).unwrap();
+        handle.join().unwrap();
     }
 
     #[test]

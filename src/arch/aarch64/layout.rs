@@ -15,7 +15,8 @@
 //!  0x1000_0000 ├──────────────────────────────┤ MMIO_START
 //!              │ device slots, 4 KiB each:    │
 //!              │  slot 0: 16550 UART          │
-//!              │  slot 1..: further devices   │
+//!              │  slot 1: PL031 RTC           │
+//!              │  slot 2..: further devices   │
 //!  0x4000_0000 ├──────────────────────────────┤ MMIO_END
 //!              │ unused                       │
 //!  0x8000_0000 ├──────────────────────────────┤ DRAM_START
@@ -60,6 +61,9 @@ pub const SERIAL_SIZE: u64 = 8;
 /// The GIC SPI (interrupt number minus 32) the UART raises.
 pub const SERIAL_SPI: u32 = 0;
 
+/// Where the PL031 real-time clock lives: slot 1.
+pub const RTC_START: GuestAddress = GuestAddress(MMIO_START.0 + MMIO_SLOT_SIZE);
+
 /// Number of interrupt lines the vGIC is configured with, private ones
 /// (SGIs and PPIs, 32) included. Must be a multiple of 32.
 pub const GIC_NR_IRQS: u32 = 128;
@@ -82,6 +86,7 @@ const _: () = {
     assert!(GIC_REDIST_START.0 + gic_redist_size(MAX_VCPUS) <= MMIO_START.0);
     assert!(MMIO_END.0 <= DRAM_START.0);
     assert!(SERIAL_START.0 + SERIAL_SIZE <= MMIO_START.0 + MMIO_SLOT_SIZE);
+    assert!(RTC_START.0 >= SERIAL_START.0 + MMIO_SLOT_SIZE);
     assert!(GIC_NR_IRQS % 32 == 0);
     // The arm64 boot protocol wants the kernel 2 MiB aligned from RAM start.
     assert!(DRAM_START.0 % (2 << 20) == 0);

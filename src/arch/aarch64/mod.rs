@@ -1,12 +1,19 @@
 //! aarch64: the memory map, vCPU initialisation and boot registers, and the
 //! vGICv3.
 
+pub mod fdt;
 pub mod layout;
 
+#[cfg(target_arch = "aarch64")]
+pub mod boot;
 #[cfg(target_arch = "aarch64")]
 pub mod gic;
 #[cfg(target_arch = "aarch64")]
 pub mod regs;
+
+#[cfg(target_arch = "aarch64")]
+pub use boot::BootError;
+pub use fdt::FdtError;
 
 /// Errors from aarch64 VM and vCPU setup.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +41,17 @@ pub enum ArchError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Reading a vCPU register failed.
+    #[error("could not read register {name} of vCPU {index}")]
+    GetRegister {
+        /// The vCPU index.
+        index: u32,
+        /// The register's name.
+        name: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// Creating the vGICv3 failed.
     #[error(
         "KVM could not create a GICv3: the host needs a GICv3 (or GICv4) interrupt controller \
@@ -49,4 +67,11 @@ pub enum ArchError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Loading the kernel or initrd failed.
+    #[cfg(target_arch = "aarch64")]
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Building the device tree failed.
+    #[error(transparent)]
+    Fdt(#[from] FdtError),
 }

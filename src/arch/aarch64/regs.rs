@@ -4,7 +4,9 @@ use std::mem::offset_of;
 
 use kvm_bindings::{
     kvm_regs, kvm_vcpu_init, user_pt_regs, PSR_MODE_EL1h, KVM_ARM_VCPU_POWER_OFF,
-    KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, PSR_A_BIT, PSR_D_BIT,
+    KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM64_SYSREG_CRM_SHIFT,
+    KVM_REG_ARM64_SYSREG_CRN_SHIFT, KVM_REG_ARM64_SYSREG_OP0_SHIFT, KVM_REG_ARM64_SYSREG_OP1_SHIFT,
+    KVM_REG_ARM64_SYSREG_OP2_SHIFT, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64, PSR_A_BIT, PSR_D_BIT,
     PSR_F_BIT, PSR_I_BIT,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -26,6 +28,34 @@ pub const PC: u64 = core_reg_id(offset_of!(kvm_regs, regs) + offset_of!(user_pt_
 pub const PSTATE: u64 = core_reg_id(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, pstate));
 /// Register id of x0 (x1..x30 follow at 8-byte steps).
 pub const X0: u64 = core_reg_id(offset_of!(kvm_regs, regs) + offset_of!(user_pt_regs, regs));
+
+/// The KVM register id of the system register (op0, op1, CRn, CRm, op2).
+const fn sys_reg_id(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+    KVM_REG_ARM64
+        | KVM_REG_SIZE_U64
+        | KVM_REG_ARM64_SYSREG as u64
+        | (op0 << KVM_REG_ARM64_SYSREG_OP0_SHIFT)
+        | (op1 << KVM_REG_ARM64_SYSREG_OP1_SHIFT)
+        | (crn << KVM_REG_ARM64_SYSREG_CRN_SHIFT)
+        | (crm << KVM_REG_ARM64_SYSREG_CRM_SHIFT)
+        | (op2 << KVM_REG_ARM64_SYSREG_OP2_SHIFT)
+}
+
+/// Register id of MPIDR_EL1, the vCPU's affinity (what PSCI CPU_ON and the
+/// device tree name it by).
+pub const MPIDR_EL1: u64 = sys_reg_id(3, 0, 0, 0, 5);
+
+/// Reads vCPU `index`'s MPIDR_EL1, as KVM assigned it.
+pub fn mpidr(vcpu: &VcpuFd, index: u32) -> Result<u64, ArchError> {
+    let mut bytes = [0u8; 8];
+    vcpu.get_one_reg(MPIDR_EL1, &mut bytes)
+        .map_err(|source| ArchError::GetRegister {
+            index,
+            name: "MPIDR_EL1",
+            source,
+        })?;
+    Ok(u64::from_le_bytes(bytes))
+}
 
 /// Initialises vCPU `index` for PSCI 0.2. Every vCPU but the first starts
 /// powered off, waiting for the guest's PSCI CPU_ON.
