@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod initramfs;
+pub mod marker;
 pub mod payloads;
 
 use std::io::Write;
