@@ -43,6 +43,7 @@ pub mod arch;
 pub mod builder;
 pub mod bus;
 pub mod devices;
+pub mod event_loop;
 pub mod memory;
 mod microvm;
 pub mod vcpu;

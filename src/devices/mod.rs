@@ -7,6 +7,7 @@
 
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 use std::io;
 
