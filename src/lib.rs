@@ -42,6 +42,7 @@
 pub mod arch;
 pub mod builder;
 pub mod bus;
+pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod memory;
@@ -76,9 +77,15 @@ pub enum Error {
     /// Devices could not be placed on the bus.
     #[error(transparent)]
     Bus(#[from] bus::BusError),
-    /// A device could not be created.
-    #[error("could not create a device: {0}")]
-    Device(#[source] std::io::Error),
+    /// A device could not be created or attached.
+    #[error(transparent)]
+    Device(#[from] device_manager::DeviceError),
+    /// A host resource (a thread, the RNG) failed.
+    #[error("a host resource failed: {0}")]
+    Host(#[source] std::io::Error),
+    /// A dormouse bug: an invariant of its own did not hold.
+    #[error("internal error: {0}; please report this as a dormouse bug")]
+    Internal(&'static str),
     /// This host cannot run dormouse guests.
     #[error("dormouse runs aarch64 guests on aarch64 hosts only; this host is {0}")]
     UnsupportedArchitecture(&'static str),

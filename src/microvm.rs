@@ -18,15 +18,14 @@ use crate::devices::serial::SerialDevice;
 use vm_memory::{Bytes, GuestAddress};
 
 #[cfg(target_arch = "aarch64")]
-use crate::arch::aarch64::fdt::{create_fdt, FdtConfig, MmioDeviceInfo};
+use crate::arch::aarch64::fdt::{create_fdt, FdtConfig};
 #[cfg(target_arch = "aarch64")]
 use crate::arch::aarch64::ArchError;
 #[cfg(target_arch = "aarch64")]
-use crate::devices::rtc::{RtcDevice, RTC_SIZE};
+use crate::device_manager::DeviceManager;
 #[cfg(target_arch = "aarch64")]
 use crate::devices::serial;
-#[cfg(target_arch = "aarch64")]
-use crate::devices::EventFdTrigger;
+use crate::event_loop::EventLoop;
 #[cfg(target_arch = "aarch64")]
 use crate::memory;
 use crate::memory::GuestMemoryMmap;
@@ -36,9 +35,10 @@ use crate::{vm, Error};
 /// A built microVM.
 ///
 /// Made by [`MicroVm::builder`]; started with [`run`](Self::run).
-// Field order is drop order: vCPUs and the vGIC go before the VM fd, and the
-// VM fd before the guest memory it maps.
+// Field order is drop order: the device I/O thread stops first, vCPUs and
+// the vGIC go before the VM fd, and the VM fd before the guest memory it maps.
 pub struct MicroVm {
+    _event_loop: EventLoop,
     vcpus: Vec<Vcpu>,
     #[cfg(target_arch = "aarch64")]
     _gic: crate::arch::aarch64::gic::Gic,
@@ -229,76 +229,37 @@ fn build_for_arch(kvm: Kvm, mut config: MicroVmBuilder) -> Result<MicroVm, Error
     let gic = Gic::new(&vm)?;
     gic.finalize()?;
 
-    let devices = attach_devices(&vm, &mut config)?;
-    let (entry, x0) = load_boot_source(&memory, &vcpus, &devices, &config)?;
-    regs::set_boot_registers(vcpus[0].fd(), 0, entry.0, x0)?;
-
-    // Last: nothing can fail once the console thread runs.
-    if let Some(input) = config.serial_input.take() {
-        serial::spawn_input_thread(Arc::downgrade(&devices.serial), input)
-            .map_err(Error::Device)?;
-    }
-
-    Ok(MicroVm {
-        vcpus,
-        _gic: gic,
-        bus: Arc::new(devices.bus),
-        serial: devices.serial,
-        _vm: vm,
-        memory,
-        exit: None,
-    })
-}
-
-/// The devices on the bus, and how the device tree describes them.
-#[cfg(target_arch = "aarch64")]
-struct Devices {
-    bus: MmioBus,
-    serial: Arc<Mutex<SerialDevice>>,
-    serial_info: MmioDeviceInfo,
-    rtc_info: Option<MmioDeviceInfo>,
-}
-
-#[cfg(target_arch = "aarch64")]
-fn attach_devices(vm: &VmFd, config: &mut MicroVmBuilder) -> Result<Devices, Error> {
-    let mut bus = MmioBus::new();
-
-    let trigger = EventFdTrigger::new().map_err(Error::Device)?;
+    let mut devices = DeviceManager::new();
     let output = config
         .serial_output
         .take()
         .unwrap_or_else(|| Box::new(io::sink()));
-    let serial_trigger = trigger.try_clone().map_err(Error::Device)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_trigger, output)));
-    vm::register_irqfd(vm, trigger.eventfd(), layout::SERIAL_SPI)?;
-    bus.insert(layout::SERIAL_START.0, layout::SERIAL_SIZE, serial.clone())?;
-    let serial_info = MmioDeviceInfo {
-        base: layout::SERIAL_START,
-        size: layout::SERIAL_SIZE,
-        spi: Some(layout::SERIAL_SPI),
-    };
+    devices.attach_serial(&vm, output)?;
+    if config.rtc {
+        devices.attach_rtc()?;
+    }
+    let event_loop = devices.start_event_loop()?;
 
-    let rtc_info = if config.rtc {
-        bus.insert(
-            layout::RTC_START.0,
-            RTC_SIZE,
-            Arc::new(Mutex::new(RtcDevice::new())),
-        )?;
-        // vm-superio's PL031 raises no alarm interrupt, so none is wired.
-        Some(MmioDeviceInfo {
-            base: layout::RTC_START,
-            size: RTC_SIZE,
-            spi: None,
-        })
-    } else {
-        None
-    };
+    let (entry, x0) = load_boot_source(&memory, &vcpus, &devices, &config)?;
+    regs::set_boot_registers(vcpus[0].fd(), 0, entry.0, x0)?;
 
-    Ok(Devices {
-        bus,
+    let (serial, _) = devices
+        .serial
+        .ok_or(Error::Internal("the console UART was not attached"))?;
+    // Last: nothing can fail once the console thread runs.
+    if let Some(input) = config.serial_input.take() {
+        serial::spawn_input_thread(Arc::downgrade(&serial), input).map_err(Error::Host)?;
+    }
+
+    Ok(MicroVm {
+        _event_loop: event_loop,
+        vcpus,
+        _gic: gic,
+        bus: Arc::new(devices.bus),
         serial,
-        serial_info,
-        rtc_info,
+        _vm: vm,
+        memory,
+        exit: None,
     })
 }
 
@@ -308,7 +269,7 @@ fn attach_devices(vm: &VmFd, config: &mut MicroVmBuilder) -> Result<Devices, Err
 fn load_boot_source(
     memory: &GuestMemoryMmap,
     vcpus: &[Vcpu],
-    devices: &Devices,
+    devices: &DeviceManager,
     config: &MicroVmBuilder,
 ) -> Result<(GuestAddress, u64), Error> {
     use crate::arch::aarch64::{boot, regs};
@@ -334,17 +295,21 @@ fn load_boot_source(
         .map(|v| regs::mpidr(v.fd(), v.index()))
         .collect::<Result<Vec<_>, _>>()?;
     let mut rng_seed = [0u8; 64];
-    host_random(&mut rng_seed).map_err(Error::Device)?;
+    host_random(&mut rng_seed).map_err(Error::Host)?;
     let mut kaslr_seed = [0u8; 8];
-    host_random(&mut kaslr_seed).map_err(Error::Device)?;
+    host_random(&mut kaslr_seed).map_err(Error::Host)?;
     let fdt = create_fdt(&FdtConfig {
         vcpu_mpidrs,
         memory: ram,
         cmdline: config.kernel_cmdline()?,
         initrd: loaded.initrd,
-        serial: devices.serial_info,
-        rtc: devices.rtc_info,
-        virtio: Vec::new(),
+        serial: devices
+            .serial
+            .as_ref()
+            .map(|(_, info)| *info)
+            .ok_or(Error::Internal("the console UART was not attached"))?,
+        rtc: devices.rtc,
+        virtio: devices.virtio.clone(),
         rng_seed,
         kaslr_seed: u64::from_le_bytes(kaslr_seed),
     })

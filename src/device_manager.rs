@@ -1,0 +1,208 @@
+//! The device manager: owns the MMIO bus and the one allocator of MMIO
+//! slots and GIC SPIs, attaches devices to both the bus and KVM (irqfds,
+//! ioeventfds), and keeps the plain description the device tree is built
+//! from.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestAddress;
+
+use crate::arch::aarch64::fdt::MmioDeviceInfo;
+use crate::arch::aarch64::layout;
+use crate::bus::{BusError, MmioBus};
+use crate::devices::rtc::{RtcDevice, RTC_SIZE};
+use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::EventFdTrigger;
+use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
+use crate::memory::GuestMemoryMmap;
+use crate::vm::{self, VmError};
+
+/// The first MMIO slot and SPI handed to virtio devices (slot 0 and SPI 0
+/// are the UART's, slot 1 the RTC's).
+const FIRST_VIRTIO_SLOT: u64 = 2;
+const FIRST_VIRTIO_SPI: u32 = 1;
+
+/// Errors from attaching devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An eventfd could not be created.
+    #[error("could not create an eventfd for a device")]
+    EventFd(#[source] io::Error),
+    /// The bus refused the device's range.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// KVM refused an irqfd.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// KVM refused an ioeventfd.
+    #[error("KVM_IOEVENTFD for queue {queue} at {addr:#x} failed")]
+    Ioeventfd {
+        /// The queue index.
+        queue: usize,
+        /// The QueueNotify address.
+        addr: u64,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// No MMIO slot or interrupt line is left.
+    #[error("too many devices: the memory map has room for {max} virtio devices")]
+    OutOfSlots {
+        /// How many fit.
+        max: u64,
+    },
+    /// The event loop could not start.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+}
+
+/// The most virtio devices the layout (MMIO slots) and the vGIC (SPIs) hold.
+pub const MAX_VIRTIO_DEVICES: u64 = {
+    let slots =
+        (layout::MMIO_END.0 - layout::MMIO_START.0) / layout::MMIO_SLOT_SIZE - FIRST_VIRTIO_SLOT;
+    let spis = (layout::GIC_NR_IRQS - 32 - FIRST_VIRTIO_SPI) as u64;
+    if slots < spis {
+        slots
+    } else {
+        spis
+    }
+};
+
+/// Devices attached so far, and how the device tree describes them.
+pub struct DeviceManager {
+    /// The bus vCPUs dispatch MMIO exits on.
+    pub bus: MmioBus,
+    /// The console UART, once attached.
+    pub serial: Option<(Arc<Mutex<SerialDevice>>, MmioDeviceInfo)>,
+    /// The RTC's description, once attached.
+    pub rtc: Option<MmioDeviceInfo>,
+    /// Each virtio transport's description, in attach order.
+    pub virtio: Vec<MmioDeviceInfo>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl std::fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceManager")
+            .field("bus", &self.bus)
+            .field("virtio", &self.virtio)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeviceManager {
+    /// No devices yet.
+    pub fn new() -> Self {
+        Self {
+            bus: MmioBus::new(),
+            serial: None,
+            rtc: None,
+            virtio: Vec::new(),
+            subscribers: Vec::new(),
+        }
+    }
+
+    /// Attaches the console UART at slot 0, its interrupt an irqfd on SPI 0.
+    pub fn attach_serial(&mut self, vm: &VmFd, output: SerialOutput) -> Result<(), DeviceError> {
+        let trigger = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
+        let serial_trigger = trigger.try_clone().map_err(DeviceError::EventFd)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_trigger, output)));
+        vm::register_irqfd(vm, trigger.eventfd(), layout::SERIAL_SPI)?;
+        self.bus
+            .insert(layout::SERIAL_START.0, layout::SERIAL_SIZE, serial.clone())?;
+        let info = MmioDeviceInfo {
+            base: layout::SERIAL_START,
+            size: layout::SERIAL_SIZE,
+            spi: Some(layout::SERIAL_SPI),
+        };
+        self.serial = Some((serial, info));
+        Ok(())
+    }
+
+    /// Attaches the PL031 RTC at slot 1.
+    pub fn attach_rtc(&mut self) -> Result<(), DeviceError> {
+        self.bus.insert(
+            layout::RTC_START.0,
+            RTC_SIZE,
+            Arc::new(Mutex::new(RtcDevice::new())),
+        )?;
+        // vm-superio's PL031 raises no alarm interrupt, so none is wired.
+        self.rtc = Some(MmioDeviceInfo {
+            base: layout::RTC_START,
+            size: RTC_SIZE,
+            spi: None,
+        });
+        Ok(())
+    }
+
+    /// Attaches a virtio device behind a virtio-mmio transport in the next
+    /// free slot: an irqfd on its SPI, an ioeventfd per queue on
+    /// QueueNotify, and the device on the event loop. Returns the device.
+    pub fn attach_virtio<D>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: D,
+    ) -> Result<Arc<Mutex<D>>, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let index = self.virtio.len() as u64;
+        if index >= MAX_VIRTIO_DEVICES {
+            return Err(DeviceError::OutOfSlots {
+                max: MAX_VIRTIO_DEVICES,
+            });
+        }
+        let base = GuestAddress(
+            layout::MMIO_START.0 + (FIRST_VIRTIO_SLOT + index) * layout::MMIO_SLOT_SIZE,
+        );
+        // Bounded by MAX_VIRTIO_DEVICES, which the SPI count bounds.
+        let spi = FIRST_VIRTIO_SPI + u32::try_from(index).unwrap_or(u32::MAX);
+
+        let device = Arc::new(Mutex::new(device));
+        let interrupt = Arc::new(Interrupt::new(
+            EventFdTrigger::new().map_err(DeviceError::EventFd)?,
+        ));
+        vm::register_irqfd(vm, interrupt.eventfd(), spi)?;
+        {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            let notify = base.0 + QUEUE_NOTIFY;
+            for (queue, evt) in dev.queue_events().iter().enumerate() {
+                // The driver writes the queue index, as a 32-bit value.
+                let datamatch = u32::try_from(queue).unwrap_or(u32::MAX);
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(notify), datamatch)
+                    .map_err(|source| DeviceError::Ioeventfd {
+                        queue,
+                        addr: notify,
+                        source,
+                    })?;
+            }
+        }
+        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt);
+        self.bus
+            .insert(base.0, MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.subscribers.push(device.clone());
+        self.virtio.push(MmioDeviceInfo {
+            base,
+            size: MMIO_SIZE,
+            spi: Some(spi),
+        });
+        Ok(device)
+    }
+
+    /// Starts the event loop over every attached device's I/O.
+    pub fn start_event_loop(&mut self) -> Result<EventLoop, DeviceError> {
+        Ok(EventLoop::start(std::mem::take(&mut self.subscribers))?)
+    }
+}
