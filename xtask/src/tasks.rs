@@ -1,0 +1,431 @@
+//! `cargo xtask test`, `bench` and `demo`: host-native runs with rustup's
+//! cargo, and aarch64 runs inside the emulated arm64 host (see rig.rs).
+
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use crate::cross::{self, Artifact, Build};
+use crate::libtest::{self, Counts};
+use crate::rig::{self, Job};
+use crate::setup::{self, Rig};
+use crate::util::{self, bail, Context, Line, Result};
+
+/// On a real arm64 machine with KVM, everything runs natively.
+pub fn native_kvm_host() -> bool {
+    cfg!(target_arch = "aarch64") && std::path::Path::new("/dev/kvm").exists()
+}
+
+/// Results of one side (host-native or emulated).
+struct Side {
+    label: &'static str,
+    counts: Counts,
+    /// One line per test binary.
+    details: Vec<String>,
+    /// Things that went wrong beyond failing tests; each counts as a failure.
+    problems: Vec<String>,
+    warnings: Vec<String>,
+    seconds: f64,
+}
+
+impl Side {
+    fn new(label: &'static str) -> Side {
+        Side {
+            label,
+            counts: Counts::default(),
+            details: Vec::new(),
+            problems: Vec::new(),
+            warnings: Vec::new(),
+            seconds: 0.0,
+        }
+    }
+
+    fn problem(&mut self, message: String) {
+        self.problems.push(message);
+        self.counts.failed += 1;
+    }
+
+    fn print(&self) {
+        util::say(format!(
+            "{}: {} ({:.0}s)",
+            self.label, self.counts, self.seconds
+        ));
+        for line in &self.details {
+            util::say(format!("  {line}"));
+        }
+        for warning in &self.warnings {
+            util::say(format!("  warning: {warning}"));
+        }
+        for problem in &self.problems {
+            util::say(format!("  FAILED: {problem}"));
+        }
+    }
+}
+
+/// `cargo test --workspace` with rustup's toolchain, output streamed and parsed.
+fn host_tests(label: &'static str, args: &[String], env: &[(&str, std::path::PathBuf)]) -> Side {
+    let start = Instant::now();
+    let mut side = Side::new(label);
+    let mut cmd = cross::host_cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    util::announce(&cmd);
+    let mut parse = CargoTestOutput::default();
+    let result = (|| -> Result<std::process::ExitStatus> {
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| util::spawn_error(cmd.get_program(), e))?;
+        let (tx, rx) = mpsc::channel();
+        util::pump(child.stdout.take().expect("piped"), tx.clone(), Line::Out);
+        util::pump(child.stderr.take().expect("piped"), tx, Line::Err);
+        for line in rx {
+            match line {
+                Line::Out(line) => {
+                    println!("{line}");
+                    parse.stdout(&line);
+                }
+                Line::Err(line) => {
+                    eprintln!("{line}");
+                    parse.stderr(&line);
+                }
+            }
+        }
+        child
+            .wait()
+            .context(|| "waiting for cargo test".to_string())
+    })();
+    side.counts = parse.counts;
+    let silent = parse.failed_targets.saturating_sub(parse.failed_summaries);
+    if silent > 0 {
+        side.counts.failed += silent;
+        side.details.push(format!(
+            "{silent} test binaries failed without a libtest summary (crashed?): see cargo's \
+             `targets failed` list above"
+        ));
+    }
+    match result {
+        Err(e) => side.problem(e.to_string()),
+        Ok(status) if !status.success() && side.counts.failed == 0 => side.problem(format!(
+            "`cargo test --workspace` failed ({}) without a failing test: \
+             read its errors above (a build error?)",
+            util::status_text(status)
+        )),
+        Ok(_) => {}
+    }
+    side.details.insert(
+        0,
+        format!(
+            "{} libtest summaries (unit, integration and doc tests)",
+            parse.summaries
+        ),
+    );
+    side.seconds = start.elapsed().as_secs_f64();
+    side
+}
+
+/// What `cargo test` printed: libtest summaries on stdout, and on stderr
+/// cargo's list of failed targets (which includes binaries that crashed
+/// before printing a summary).
+#[derive(Default)]
+struct CargoTestOutput {
+    counts: Counts,
+    summaries: u64,
+    failed_summaries: u64,
+    failed_targets: u64,
+}
+
+impl CargoTestOutput {
+    fn stdout(&mut self, line: &str) {
+        if let Some(counts) = libtest::parse_summary(line) {
+            self.counts.add(counts);
+            self.summaries += 1;
+            if counts.failed > 0 || line.contains("test result: FAILED") {
+                self.failed_summaries += 1;
+            }
+        }
+    }
+
+    fn stderr(&mut self, line: &str) {
+        // "error: test failed, to rerun pass `--test x`" (one target) or
+        // "error: 2 targets failed:" (several, with --no-fail-fast).
+        if line.starts_with("error: test failed, to rerun pass") {
+            self.failed_targets = self.failed_targets.max(1);
+        } else if let Some(rest) = line.strip_prefix("error: ") {
+            let mut words = rest.split_whitespace();
+            if let (Some(n), Some(word)) = (words.next(), words.next()) {
+                if (word == "targets" || word == "target") && rest.ends_with("failed:") {
+                    if let Ok(n) = n.parse::<u64>() {
+                        self.failed_targets = self.failed_targets.max(n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Arguments for a test binary: one test thread (the emulated host has 2
+/// slow CPUs and tests share /dev/kvm) unless the user chose otherwise.
+fn libtest_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    if !args.iter().any(|a| a.starts_with("--test-threads")) {
+        out.push("--test-threads=1".to_string());
+    }
+    out.extend(args.iter().cloned());
+    out
+}
+
+fn jobs(artifacts: &[Artifact], args: &[String]) -> Vec<Job> {
+    artifacts
+        .iter()
+        .map(|a| Job {
+            name: a.name.clone(),
+            path: a.path.clone(),
+            args: args.to_vec(),
+        })
+        .collect()
+}
+
+/// Cross-built test binaries run inside the emulated arm64 host.
+fn emulated_tests(rig: &Rig, args: &[String]) -> Side {
+    let start = Instant::now();
+    let mut side = Side::new("emulated arm64 host (aarch64, nested KVM)");
+    let artifacts = match cross::check_debian_toolchain().and_then(|()| cross::build(Build::Tests))
+    {
+        Ok(artifacts) => artifacts,
+        Err(e) => {
+            side.problem(e.to_string());
+            return side;
+        }
+    };
+    if artifacts.is_empty() {
+        side.warnings
+            .push("the cross build produced no test executables".to_string());
+        return side;
+    }
+    match rig::run(rig, &jobs(&artifacts, &libtest_args(args)), "test") {
+        Err(e) => side.problem(e.to_string()),
+        Ok(outcome) => {
+            side.counts = outcome.counts();
+            side.details = outcome.binaries.iter().map(|b| b.describe()).collect();
+            for problem in outcome.problems() {
+                side.problem(problem);
+            }
+            if outcome.counts().total() == 0 && outcome.done {
+                let message = format!(
+                    "the emulated host ran zero tests although {} test binaries exist",
+                    artifacts.len()
+                );
+                if args.is_empty() {
+                    side.problem(message);
+                } else {
+                    side.warnings
+                        .push(format!("{message} (your filter matched none?)"));
+                }
+            }
+        }
+    }
+    side.seconds = start.elapsed().as_secs_f64();
+    side
+}
+
+pub struct TestOptions {
+    pub host: bool,
+    pub emulated: bool,
+    pub args: Vec<String>,
+}
+
+/// `cargo xtask test`: returns the process exit code.
+pub fn test(options: &TestOptions) -> Result<i32> {
+    let rig = setup::setup()?;
+    let mut sides = Vec::new();
+    if native_kvm_host() {
+        util::say("arm64 host with /dev/kvm: running the tests natively, no emulation");
+        sides.push(host_tests(
+            "native (aarch64, KVM)",
+            &options.args,
+            &rig.native_guest_env(),
+        ));
+    } else {
+        if options.host {
+            sides.push(host_tests("host-native (x86_64)", &options.args, &[]));
+        }
+        if options.emulated {
+            sides.push(emulated_tests(&rig, &options.args));
+        }
+    }
+    let mut total = Counts::default();
+    println!();
+    util::say("===== summary =====");
+    for side in &sides {
+        side.print();
+        total.add(side.counts);
+    }
+    // The very last line: the plain total.
+    println!("{total}");
+    Ok(if total.failed > 0 { 1 } else { 0 })
+}
+
+/// Runs a command natively (arm64 hosts), returning its exit code.
+fn run_native(mut cmd: Command) -> Result<i32> {
+    util::announce(&cmd);
+    let status = cmd
+        .status()
+        .map_err(|e| util::spawn_error(cmd.get_program(), e))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// `cargo xtask bench`: criterion benches inside the emulated host.
+pub fn bench(args: &[String]) -> Result<i32> {
+    if native_kvm_host() {
+        let mut cmd = cross::host_cargo();
+        cmd.args(["bench", "--package", cross::PACKAGE, "--"])
+            .args(args);
+        for (name, value) in setup::setup()?.native_guest_env() {
+            cmd.env(name, value);
+        }
+        return run_native(cmd);
+    }
+    let benches = cross::package_targets("bench")?;
+    if benches.is_empty() {
+        util::say(format!(
+            "bench: the {} package has no benches yet (benches/*.rs): nothing to run. \
+             Host-native benches are just `cargo bench`.",
+            cross::PACKAGE
+        ));
+        return Ok(0);
+    }
+    let rig = setup::setup()?;
+    cross::check_debian_toolchain()?;
+    let artifacts = cross::build(Build::Benches)?;
+    if artifacts.is_empty() {
+        bail!(
+            "cargo metadata lists benches ({}) but the cross build produced no bench executable",
+            benches.join(", ")
+        );
+    }
+    let mut bench_args = vec!["--bench".to_string()];
+    bench_args.extend(args.iter().cloned());
+    let outcome = rig::run(&rig, &jobs(&artifacts, &bench_args), "bench")?;
+    println!();
+    util::say("===== bench summary =====");
+    let mut failed = false;
+    for binary in &outcome.binaries {
+        let ok = binary.rc == Some(0);
+        failed |= !ok;
+        let rc = binary
+            .rc
+            .map(|rc| format!("rc={rc}"))
+            .unwrap_or_else(|| "did not finish".to_string());
+        util::say(format!(
+            "  {} {}: {rc}",
+            if ok { "ok    " } else { "FAILED" },
+            binary.name
+        ));
+    }
+    for problem in outcome.problems() {
+        failed = true;
+        util::say(format!("  FAILED: {problem}"));
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `cargo xtask demo`: examples/demo.rs inside the emulated host.
+pub fn demo(args: &[String]) -> Result<i32> {
+    const EXAMPLE: &str = "demo";
+    let examples = cross::package_targets("example")?;
+    if !examples.iter().any(|e| e == EXAMPLE) {
+        bail!(
+            "the {} package has no example `{EXAMPLE}` yet: write examples/{EXAMPLE}.rs first",
+            cross::PACKAGE
+        );
+    }
+    let rig = setup::setup()?;
+    if native_kvm_host() {
+        let mut cmd = cross::host_cargo();
+        cmd.args([
+            "run",
+            "--package",
+            cross::PACKAGE,
+            "--example",
+            EXAMPLE,
+            "--",
+        ])
+        .args(args);
+        for (name, value) in rig.native_guest_env() {
+            cmd.env(name, value);
+        }
+        return run_native(cmd);
+    }
+    cross::check_debian_toolchain()?;
+    let artifacts = cross::build(Build::Example(EXAMPLE))?;
+    let [artifact] = artifacts.as_slice() else {
+        bail!(
+            "expected one `{EXAMPLE}` executable from the cross build, got {}",
+            artifacts.len()
+        );
+    };
+    let outcome = rig::run(&rig, &jobs(std::slice::from_ref(artifact), args), "demo")?;
+    let problems = outcome.problems();
+    for problem in &problems {
+        util::say(format!("demo: FAILED: {problem}"));
+    }
+    let rc = outcome.binaries.first().and_then(|b| b.rc);
+    match rc {
+        Some(0) if problems.is_empty() => {
+            util::say("demo: finished with rc=0");
+            Ok(0)
+        }
+        Some(rc) => {
+            util::say(format!("demo: finished with rc={rc}"));
+            Ok(if (1..=255).contains(&rc) { rc } else { 1 })
+        }
+        None => {
+            util::say("demo: did not finish");
+            Ok(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_test_output() {
+        let mut p = CargoTestOutput::default();
+        p.stdout("test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
+        p.stdout("test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
+        p.stderr("error: 2 targets failed:");
+        assert_eq!(
+            p.counts,
+            Counts {
+                passed: 3,
+                failed: 1
+            }
+        );
+        assert_eq!(
+            (p.summaries, p.failed_summaries, p.failed_targets),
+            (2, 1, 2)
+        );
+        let mut p = CargoTestOutput::default();
+        p.stderr("error: test failed, to rerun pass `-p dormouse --test x`");
+        assert_eq!(p.failed_targets, 1);
+    }
+
+    #[test]
+    fn test_threads() {
+        assert_eq!(libtest_args(&[]), ["--test-threads=1"]);
+        assert_eq!(
+            libtest_args(&["--test-threads=2".into(), "x".into()]),
+            ["--test-threads=2", "x"]
+        );
+    }
+}
