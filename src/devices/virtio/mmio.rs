@@ -54,6 +54,10 @@ mod reg {
 /// A virtio device behind virtio-mmio registers.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    // Fixed for the device's life, cached so that register reads never wait
+    // for the device lock (which the event loop holds while it does I/O).
+    device_type: u32,
+    device_features: u64,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
@@ -89,9 +93,18 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
     ) -> Self {
-        let queues = new_queues(lock(&device).queue_max_sizes());
+        let (queues, device_type, device_features) = {
+            let d = lock(&device);
+            (
+                new_queues(d.queue_max_sizes()),
+                d.device_type(),
+                d.device_features(),
+            )
+        };
         Self {
             device,
+            device_type,
+            device_features,
             mem,
             interrupt,
             queues,
@@ -117,14 +130,13 @@ impl MmioTransport {
     }
 
     fn read_u32(&self, offset: u64) -> u32 {
-        let device = lock(&self.device);
         match offset {
             reg::MAGIC => MAGIC,
             reg::VERSION => VERSION,
-            reg::DEVICE_ID => device.device_type(),
+            reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => {
-                let [low, high] = split(device.device_features());
+                let [low, high] = split(self.device_features);
                 match self.device_features_sel {
                     0 => low,
                     1 => high,
@@ -142,7 +154,7 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => {
                 let mut status = self.status;
-                if device.needs_reset() {
+                if lock(&self.device).needs_reset() {
                     status |= status::DEVICE_NEEDS_RESET;
                 }
                 status
@@ -254,7 +266,7 @@ impl MmioTransport {
         }
         match new {
             status::FEATURES_OK => {
-                let offered = lock(&self.device).device_features();
+                let offered = self.device_features;
                 // The driver must take VERSION_1 and nothing it was not
                 // offered; otherwise FEATURES_OK does not stick, which the
                 // driver sees when it reads the status back.
@@ -296,7 +308,7 @@ impl MmioTransport {
         if let Err(e) = result {
             log::warn!(
                 "virtio device type {} failed to activate: {e}",
-                device.device_type()
+                self.device_type
             );
             self.status |= status::DEVICE_NEEDS_RESET;
             drop(device);

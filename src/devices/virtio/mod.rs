@@ -10,6 +10,7 @@
 //! before the device's. The event loop takes the device's lock only.
 
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
