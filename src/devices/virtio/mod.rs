@@ -9,6 +9,7 @@
 //! Lock order: the transport's lock (taken by a vCPU thread through the bus)
 //! before the device's. The event loop takes the device's lock only.
 
+pub mod block;
 pub mod mmio;
 pub mod net;
 

@@ -1,0 +1,325 @@
+//! The virtio-blk device model: features, config space, activation and the
+//! request queue loop.
+
+use std::mem::{offset_of, size_of};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::disk::Disk;
+use super::request::{self, Negotiated};
+use super::{DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, QUEUE_SIZE, SEG_MAX};
+use crate::devices::virtio::{
+    device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use crate::memory::GuestMemoryMmap;
+
+/// The size of the config space (`struct virtio_blk_config`).
+const CONFIG_LEN: usize = size_of::<virtio_blk_config>();
+
+/// Why a block device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The disk image could not be opened.
+    #[error(
+        "could not open disk image {path:?}: check that it exists and that dormouse may read \
+         (and, unless the disk is read-only, write) it"
+    )]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk image's size or identity could not be read.
+    #[error(
+        "could not read the size of disk image {path:?}: give a regular file or a block device"
+    )]
+    Inspect {
+        /// The image.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk image is not a whole number of 512-byte sectors.
+    #[error(
+        "disk image {path:?} is {size} bytes, not a multiple of 512: pad it to whole sectors \
+         (e.g. `truncate -s %512 {path:?}`)"
+    )]
+    NotSectorAligned {
+        /// The image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The queue eventfd could not be created.
+    #[error("could not create the virtio-blk queue eventfd (out of file descriptors?)")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// The device's guest-facing state once the driver started it.
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue: Queue,
+}
+
+/// A virtio block device backed by a raw disk image.
+///
+/// Register it with the event loop (it is a `MutEventSubscriber`) and put
+/// it behind a virtio-mmio transport; requests are served on the event-loop
+/// thread.
+pub struct Block {
+    disk: Disk,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_evts: [EventFd; 1],
+    queue_max_sizes: [u16; 1],
+    active: Option<Active>,
+    /// The driver broke the queue protocol; nothing is processed until reset.
+    broken: bool,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("disk", &self.disk)
+            .field("acked_features", &self.acked_features)
+            .field("activated", &self.active.is_some())
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// A block device over the raw disk image at `path` (a regular file or
+    /// a block device whose size is a multiple of 512 bytes). With
+    /// `read_only` the image is opened read-only and the guest sees a
+    /// read-only disk.
+    pub fn new(path: &Path, read_only: bool) -> Result<Block, BlockError> {
+        let disk = Disk::open(path, read_only)?;
+        let queue_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let bit = |b: u32| 1u64 << b;
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_SEG_MAX);
+        if read_only {
+            avail_features |= bit(VIRTIO_BLK_F_RO);
+        }
+        if disk.supports_discard() {
+            avail_features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let config = build_config(&disk);
+        Ok(Block {
+            disk,
+            avail_features,
+            acked_features: 0,
+            config,
+            queue_evts: [queue_evt],
+            queue_max_sizes: [QUEUE_SIZE],
+            active: None,
+            broken: false,
+        })
+    }
+
+    /// The queue notification eventfd.
+    pub(super) fn queue_evt(&self) -> &EventFd {
+        &self.queue_evts[0]
+    }
+
+    /// Serves the requests the driver made available, at most one queue's
+    /// worth per call (then the eventfd is kicked so the event loop comes
+    /// back after serving the other devices).
+    pub(crate) fn process_queue(&mut self) {
+        if self.broken {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let negotiated = Negotiated {
+            features: self.acked_features,
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queue;
+        let mut budget = usize::from(QUEUE_SIZE);
+        let mut used = false;
+        let outcome = 'pass: loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                break 'pass Err(e);
+            }
+            loop {
+                if budget == 0 {
+                    break 'pass Ok(true);
+                }
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => break 'pass Err(e),
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let len = request::handle(&self.disk, mem, chain, negotiated);
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    break 'pass Err(e);
+                }
+                used = true;
+                budget -= 1;
+            }
+            match queue.enable_notification(mem) {
+                // More arrived while notifications were off.
+                Ok(true) => continue,
+                Ok(false) => break Ok(false),
+                Err(e) => break Err(e),
+            }
+        };
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                log::warn!("virtio-blk: cannot signal the guest: {e}");
+            }
+        }
+        match outcome {
+            Ok(false) => {}
+            Ok(true) => {
+                // Come back for the rest on the next event-loop turn.
+                if let Err(e) = self.queue_evts[0].write(1) {
+                    log::warn!("virtio-blk: cannot re-kick its queue: {e}");
+                }
+            }
+            Err(e) => {
+                log::warn!("virtio-blk: the driver corrupted the request queue ({e}); the device needs a reset");
+                self.broken = true;
+                let _ = active.interrupt.signal_config_change();
+            }
+        }
+    }
+}
+
+/// The config space (`struct virtio_blk_config`, little endian).
+fn build_config(disk: &Disk) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        config[offset..offset + bytes.len()].copy_from_slice(bytes);
+    };
+    put(
+        offset_of!(virtio_blk_config, capacity),
+        &disk.sectors().to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, seg_max),
+        &SEG_MAX.to_le_bytes(),
+    );
+    if disk.supports_discard() {
+        put(
+            offset_of!(virtio_blk_config, max_discard_sectors),
+            &MAX_DISCARD_SECTORS.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, max_discard_seg),
+            &1u32.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, discard_sector_alignment),
+            &DISCARD_SECTOR_ALIGNMENT.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+            &MAX_DISCARD_SECTORS.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, max_write_zeroes_seg),
+            &1u32.to_le_bytes(),
+        );
+        // Write-zeroes with the unmap flag punches holes.
+        put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
+    }
+    config
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Nothing is writable (no VIRTIO_BLK_F_CONFIG_WCE).
+        log::debug!(
+            "virtio-blk: ignored a {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let [mut queue]: [Queue; 1] = queues
+            .try_into()
+            .map_err(|q: Vec<Queue>| ActivateError::BadQueue(q.len().min(1)))?;
+        queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+        });
+        self.broken = false;
+        // Let the event loop serve anything already queued.
+        self.queue_evts[0].write(1).map_err(ActivateError::Backend)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.broken = false;
+        // Drop a stale notification.
+        let _ = self.queue_evts[0].read();
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+}
