@@ -1,0 +1,524 @@
+//! The virtio-vsock device model: features, config space, activation and
+//! the rx, tx and event queues.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{Backend, NextRx};
+use super::packet::{self, op, Header, EVENT_TRANSPORT_RESET, HDR_LEN};
+use super::unix::connect_nonblocking;
+use super::{EVQ, HOST_CID, MAX_PKT_LEN, QUEUE_SIZE, RXQ, TXQ};
+use crate::devices::virtio::{
+    device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use crate::memory::GuestMemoryMmap;
+
+/// The device's three queues, all of the same maximum size.
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// The most rx buffers one pass fills, plus one visit per connection.
+const RX_ROUNDS: usize = 2 * QUEUE_SIZE as usize + super::MAX_CONNECTIONS;
+
+/// Errors from creating or driving the vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// CIDs 0, 1 and 2 are reserved (2 is the host) and `u32::MAX` means
+    /// "any"; larger values do not fit the guest's 32-bit CIDs.
+    #[error("guest CID {0} is reserved or out of range: use a CID from 3 to 4294967294")]
+    InvalidCid(u64),
+    /// The socket path exists and nothing listens on it.
+    #[error(
+        "vsock socket path {} already exists (a stale socket from an earlier run?): remove it and retry",
+        .0.display()
+    )]
+    StaleSocket(PathBuf),
+    /// Another process listens on the socket path.
+    #[error(
+        "vsock socket path {} is in use by another listening process: stop it or choose another path",
+        .0.display()
+    )]
+    SocketInUse(PathBuf),
+    /// The socket path exists and is not a socket.
+    #[error(
+        "vsock socket path {} exists and is not a socket: choose another path",
+        .0.display()
+    )]
+    NotASocket(PathBuf),
+    /// The listener could not be created.
+    #[error(
+        "cannot listen on vsock socket path {}: check that its directory exists and is writable",
+        path.display()
+    )]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// An eventfd or a socket option could not be set up.
+    #[error("could not set up the vsock device's file descriptors (out of fds?)")]
+    Io(#[source] io::Error),
+    /// The guest driver has not started the device (or reset it).
+    #[error("the vsock device is not active: wait until the guest driver has started it")]
+    NotActivated,
+    /// The device hit a malformed request and waits for the driver to
+    /// reset it.
+    #[error("the vsock device needs a reset by the guest driver before it can be used")]
+    NeedsReset,
+    /// The event queue has no buffer for the event.
+    #[error("the guest gave the vsock event queue no buffer: retry once its driver is up")]
+    NoEventBuffer,
+    /// The event queue's buffer is unusable (the device is now marked as
+    /// needing a reset).
+    #[error("the guest's vsock event buffer is malformed; the device now needs a reset")]
+    BadEventBuffer,
+}
+
+/// The queues and memory of an activated device.
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+}
+
+/// A virtio-vsock device whose host side is a Unix socket listener (see the
+/// module documentation for the protocol host processes speak).
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    /// (st_dev, st_ino) of the socket file this device created, so that
+    /// dropping the device removes that file and no other.
+    socket_id: Option<(u64, u64)>,
+    queue_events: Vec<EventFd>,
+    /// Written when connections were closed off the event-loop thread (reset,
+    /// transport reset) so that the loop unregisters and closes them.
+    pub(super) wake: EventFd,
+    acked_features: u64,
+    active: Option<Active>,
+    broken: bool,
+    pub(super) backend: Backend,
+    /// One packet's worth of bytes between a host stream and guest memory.
+    scratch: Vec<u8>,
+    /// Guest transmission waits for RST replies to drain.
+    tx_stalled: bool,
+}
+
+fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let is_socket = std::fs::symlink_metadata(path)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false);
+            // Someone listens if a connect succeeds or finds a full backlog.
+            let live = || match connect_nonblocking(path) {
+                Ok(_) => true,
+                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            };
+            if !is_socket {
+                Err(VsockError::NotASocket(path.to_path_buf()))
+            } else if live() {
+                Err(VsockError::SocketInUse(path.to_path_buf()))
+            } else {
+                Err(VsockError::StaleSocket(path.to_path_buf()))
+            }
+        }
+        Err(source) => Err(VsockError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Takes the next available chain off `queue`; `Err` when the guest's
+/// avail ring is corrupt.
+fn pop<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, ()> {
+    queue.iter(mem).map(|mut it| it.next()).map_err(|_| ())
+}
+
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: usize) -> Result<(), ()> {
+    let len = u32::try_from(len).map_err(|_| ())?;
+    queue.add_used(mem, head, len).map_err(|_| ())
+}
+
+/// What a tx pass did.
+#[derive(Debug, Default)]
+struct TxPass {
+    used: bool,
+    /// A full queue's worth was processed; more may wait.
+    more: bool,
+    /// Stopped because too many RST replies wait for rx buffers.
+    stalled: bool,
+}
+
+impl Vsock {
+    /// A vsock device for a guest with CID `guest_cid`, listening for host
+    /// processes on the Unix socket `uds_path` (which must not exist).
+    /// Guest connections to host port `P` go to `<uds_path>_P`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+        if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let listener = bind_listener(uds_path)?;
+        let socket_id = std::fs::symlink_metadata(uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        listener.set_nonblocking(true).map_err(VsockError::Io)?;
+        let queue_events = (0..QUEUE_SIZES.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(VsockError::Io)?;
+        Ok(Vsock {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            socket_id,
+            queue_events,
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Io)?,
+            acked_features: 0,
+            active: None,
+            broken: false,
+            backend: Backend::new(listener, uds_path, guest_cid),
+            scratch: vec![0; MAX_PKT_LEN],
+            tx_stalled: false,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The socket path host processes connect to.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// Puts a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` event on the event
+    /// queue (after a snapshot restore: the guest then drops every
+    /// connection) and closes every host-side connection to match.
+    pub fn send_transport_reset(&mut self) -> Result<(), VsockError> {
+        if self.broken {
+            return Err(VsockError::NeedsReset);
+        }
+        let active = self.active.as_mut().ok_or(VsockError::NotActivated)?;
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVQ];
+        let chain = match pop(queue, mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => return Err(VsockError::NoEventBuffer),
+            Err(()) => {
+                self.fail("corrupt event queue");
+                return Err(VsockError::BadEventBuffer);
+            }
+        };
+        let head = chain.head_index();
+        let written = chain
+            .writer(mem)
+            .ok()
+            .and_then(|mut w| w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).ok());
+        let used = if written.is_some() { 4 } else { 0 };
+        let added = add_used(queue, mem, head, used);
+        if queue.needs_notification(mem).unwrap_or(true) {
+            let _ = active.interrupt.signal_used_queue();
+        }
+        if written.is_none() || added.is_err() {
+            self.fail("event buffer outside guest memory or smaller than an event");
+            return Err(VsockError::BadEventBuffer);
+        }
+        self.backend.close_all();
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// Marks the device as needing a reset and tells the driver.
+    fn fail(&mut self, why: &str) {
+        if self.broken {
+            return;
+        }
+        log::warn!("vsock: {why}; the device needs a reset by the guest driver");
+        self.broken = true;
+        if let Some(active) = &self.active {
+            let _ = active.interrupt.signal_config_change();
+        }
+    }
+
+    /// Runs the queues: fills rx buffers with what the guest is owed, and
+    /// (when `tx_kick` or a stalled transmission) processes guest packets.
+    pub(super) fn run_queues(&mut self, tx_kick: bool) {
+        if self.broken || self.active.is_none() {
+            return;
+        }
+        let mut used = [false; 2];
+        let result = self.queue_pass(tx_kick, &mut used);
+        if result.is_err() {
+            // Whatever was used before the failure is still announced.
+            used = [true; 2];
+        }
+        if let Some(active) = self.active.as_mut() {
+            let notify = used.iter().enumerate().any(|(q, &u)| {
+                u && active.queues[q]
+                    .needs_notification(&active.mem)
+                    .unwrap_or(true)
+            });
+            if notify {
+                let _ = active.interrupt.signal_used_queue();
+            }
+        }
+        match result {
+            // The rx pass stopped at its bound: come back for the rest.
+            Ok(true) => {
+                let _ = self.queue_events[RXQ].write(1);
+            }
+            Ok(false) => {}
+            Err(why) => self.fail(why),
+        }
+    }
+
+    /// One pass over rx, then tx and rx again. Returns whether rx has more
+    /// to deliver than the pass's bound allowed.
+    fn queue_pass(&mut self, tx_kick: bool, used: &mut [bool; 2]) -> Result<bool, &'static str> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let (rx_used, mut rx_more) = process_rx(active, &mut self.backend, &mut self.scratch)?;
+        used[RXQ] = rx_used;
+        if tx_kick || self.tx_stalled {
+            let tx = process_tx(active, &mut self.backend, &mut self.scratch, self.guest_cid);
+            let tx = tx.inspect_err(|_| {
+                // A failed pass may have used buffers before failing.
+                used[TXQ] = true;
+            })?;
+            used[TXQ] = tx.used;
+            self.tx_stalled = tx.stalled;
+            if tx.more {
+                // Let other fds have the loop; come back for the rest.
+                let _ = self.queue_events[TXQ].write(1);
+            }
+            let (rx_used, more) = process_rx(active, &mut self.backend, &mut self.scratch)?;
+            used[RXQ] |= rx_used;
+            rx_more = more;
+        }
+        Ok(rx_more)
+    }
+
+    /// The device's open connections.
+    #[cfg(test)]
+    pub(super) fn connection_count(&self) -> usize {
+        self.backend.connection_count()
+    }
+}
+
+/// Fills rx buffers. Returns whether any was used and whether the pass
+/// stopped at its bound with more to do.
+fn process_rx(
+    active: &mut Active,
+    backend: &mut Backend,
+    scratch: &mut [u8],
+) -> Result<(bool, bool), &'static str> {
+    let mem = &active.mem;
+    let queue = &mut active.queues[RXQ];
+    let mut used = false;
+    for _ in 0..RX_ROUNDS {
+        if !backend.has_pending_rx() {
+            return Ok((used, false));
+        }
+        let Some(chain) = pop(queue, mem).map_err(|()| "corrupt rx queue")? else {
+            return Ok((used, false));
+        };
+        let head = chain.head_index();
+        let mut writer = match chain.writer(mem) {
+            Ok(w) if w.available_bytes() >= HDR_LEN => w,
+            _ => {
+                let _ = add_used(queue, mem, head, 0);
+                return Err("rx buffer outside guest memory or smaller than a packet header");
+            }
+        };
+        let cap = (writer.available_bytes() - HDR_LEN).min(MAX_PKT_LEN);
+        match backend.next_rx(cap, scratch) {
+            NextRx::Idle => {
+                queue.go_to_previous_position();
+                return Ok((used, false));
+            }
+            NextRx::Skip => queue.go_to_previous_position(),
+            NextRx::Packet(hdr, n) => {
+                let wrote = writer
+                    .write_all(&hdr.to_bytes())
+                    .and_then(|()| writer.write_all(&scratch[..n]));
+                if wrote.is_err() {
+                    let _ = add_used(queue, mem, head, 0);
+                    return Err("could not write an rx buffer");
+                }
+                add_used(queue, mem, head, HDR_LEN + n).map_err(|()| "corrupt rx used ring")?;
+                used = true;
+            }
+        }
+    }
+    Ok((used, backend.has_pending_rx()))
+}
+
+/// Processes guest packets, at most a queue's worth.
+fn process_tx(
+    active: &mut Active,
+    backend: &mut Backend,
+    scratch: &mut [u8],
+    guest_cid: u64,
+) -> Result<TxPass, &'static str> {
+    let mem = &active.mem;
+    let queue = &mut active.queues[TXQ];
+    let mut pass = TxPass::default();
+    for _ in 0..QUEUE_SIZE {
+        if backend.rst_backlog_full() {
+            pass.stalled = true;
+            return Ok(pass);
+        }
+        let Some(chain) = pop(queue, mem).map_err(|()| "corrupt tx queue")? else {
+            return Ok(pass);
+        };
+        let head = chain.head_index();
+        let result = tx_packet(chain, mem, backend, scratch, guest_cid);
+        add_used(queue, mem, head, 0).map_err(|()| "corrupt tx used ring")?;
+        pass.used = true;
+        result?;
+    }
+    pass.more = true;
+    Ok(pass)
+}
+
+/// Reads, checks and hands over one guest packet.
+fn tx_packet(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    backend: &mut Backend,
+    scratch: &mut [u8],
+    guest_cid: u64,
+) -> Result<(), &'static str> {
+    let mut reader = chain
+        .reader(mem)
+        .map_err(|_| "tx packet outside guest memory")?;
+    let mut raw = [0u8; HDR_LEN];
+    reader
+        .read_exact(&mut raw)
+        .map_err(|_| "tx packet shorter than its header (or not device-readable)")?;
+    let hdr = Header::from_bytes(&raw);
+    if let Err(why) = packet::validate(&hdr, reader.available_bytes(), guest_cid) {
+        log::debug!("vsock: refusing guest packet ({why:?}): {hdr:?}");
+        backend.reject(&hdr);
+        return Ok(());
+    }
+    let payload = if hdr.op == op::RW {
+        // validate() bounded len by MAX_PKT_LEN, the scratch buffer's size.
+        let len = usize::try_from(hdr.len).map_err(|_| "tx packet too long")?;
+        let data = scratch.get_mut(..len).ok_or("tx packet too long")?;
+        reader
+            .read_exact(data)
+            .map_err(|_| "could not read a tx packet's data")?;
+        &scratch[..len]
+    } else {
+        &[][..]
+    };
+    backend.on_guest_packet(&hdr, payload);
+    Ok(())
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.device_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let config = self.guest_cid.to_le_bytes();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match config.get(start..).and_then(|c| c.get(..data.len())) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "vsock: ignoring a {}-byte write to read-only config offset {offset}",
+            data.len()
+        );
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::BadQueue(queues.len().min(QUEUE_SIZES.len())));
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        self.broken = false;
+        self.tx_stalled = false;
+        // No I/O on the vCPU thread: let the event loop look at the queues.
+        for evt in &self.queue_events {
+            let _ = evt.write(1);
+        }
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.broken = false;
+        self.tx_stalled = false;
+        self.acked_features = 0;
+        self.backend.close_all();
+        // The event loop unregisters and closes the streams.
+        let _ = self.wake.write(1);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        // Remove the socket file, unless someone replaced it meanwhile.
+        let current = std::fs::symlink_metadata(&self.uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if current.is_some() && current == self.socket_id {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
+    }
+}
