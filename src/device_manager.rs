@@ -56,6 +56,15 @@ pub enum DeviceError {
         /// How many fit.
         max: u64,
     },
+    /// The virtio-blk device could not be created.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    /// The virtio-net device could not be created.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
+    /// The virtio-vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// The event loop could not start.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),

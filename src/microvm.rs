@@ -238,6 +238,7 @@ fn build_for_arch(kvm: Kvm, mut config: MicroVmBuilder) -> Result<MicroVm, Error
     if config.rtc {
         devices.attach_rtc()?;
     }
+    attach_virtio_devices(&mut devices, &vm, &memory, &mut config)?;
     let event_loop = devices.start_event_loop()?;
 
     let (entry, x0) = load_boot_source(&memory, &vcpus, &devices, &config)?;
@@ -261,6 +262,37 @@ fn build_for_arch(kvm: Kvm, mut config: MicroVmBuilder) -> Result<MicroVm, Error
         memory,
         exit: None,
     })
+}
+
+/// Creates and attaches the configured virtio devices, in order.
+#[cfg(target_arch = "aarch64")]
+fn attach_virtio_devices(
+    devices: &mut DeviceManager,
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    config: &mut MicroVmBuilder,
+) -> Result<(), Error> {
+    use crate::builder::VirtioConfig;
+    use crate::device_manager::DeviceError;
+    use crate::devices::virtio::{block::Block, net::Net, vsock::Vsock};
+
+    for device in config.virtio.drain(..) {
+        match device {
+            VirtioConfig::Block { path, read_only } => {
+                let block = Block::new(&path, read_only).map_err(DeviceError::from)?;
+                devices.attach_virtio(vm, memory, block)?;
+            }
+            VirtioConfig::Net { tap, mac } => {
+                let net = Net::new(tap, mac).map_err(DeviceError::from)?;
+                devices.attach_virtio(vm, memory, net)?;
+            }
+            VirtioConfig::Vsock { cid, uds_path } => {
+                let vsock = Vsock::new(cid, &uds_path).map_err(DeviceError::from)?;
+                devices.attach_virtio(vm, memory, vsock)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads the kernel, initrd and device tree, or the raw payload. Returns

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::initramfs::Initramfs;
-use common::{guest_assets, Console, TempDir};
+use common::{fact, guest_assets, Console, TempDir};
 use dormouse::arch::aarch64::{ArchError, BootError};
 use dormouse::builder::DEFAULT_CMDLINE;
 use dormouse::{ConfigError, Error, ExitReason, MicroVm};
@@ -37,20 +37,6 @@ fn initrd(dir: &Path, script: &str) -> std::path::PathBuf {
     fs.file("bin/busybox", 0o755, &assets.busybox)
         .init_script(script);
     fs.write_to(dir, "initrd.cpio").unwrap()
-}
-
-/// The value after `@@key=` in the guest's output.
-fn fact(console: &str, key: &str) -> String {
-    let tag = format!("@@{key}=");
-    let line = console
-        .lines()
-        .find_map(|l| {
-            l.trim_end_matches('\r')
-                .split_once(&tag)
-                .map(|(_, v)| v.to_string())
-        })
-        .unwrap_or_else(|| panic!("guest did not report {key}; console:\n{console}"));
-    line.trim().to_string()
 }
 
 fn boot_report_and_echo(vcpus: u32, memory_mib: u64, cmdline: &str) {

@@ -80,3 +80,107 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Kernel modules (relative to $DORMOUSE_GUEST_MODULES) in load order.
+pub mod modules {
+    /// The virtio-mmio transport driver.
+    pub const VIRTIO_MMIO: &[&str] = &["kernel/drivers/virtio/virtio_mmio.ko"];
+    /// virtio-blk.
+    pub const BLOCK: &[&str] = &["kernel/drivers/block/virtio_blk.ko"];
+    /// virtio-net and what it needs.
+    pub const NET: &[&str] = &[
+        "kernel/net/core/failover.ko",
+        "kernel/drivers/net/net_failover.ko",
+        "kernel/drivers/net/virtio_net.ko",
+    ];
+    /// virtio-vsock and what it needs.
+    pub const VSOCK: &[&str] = &[
+        "kernel/net/vmw_vsock/vsock.ko",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+    ];
+}
+
+/// Builds an initramfs with busybox, the given modules (loaded in order by
+/// the init script before `script` runs) and `script`, in `dir`.
+pub fn guest_initrd(
+    dir: &std::path::Path,
+    modules: &[&[&str]],
+    script: &str,
+) -> std::path::PathBuf {
+    let assets = guest_assets();
+    let root = std::env::var_os("DORMOUSE_GUEST_MODULES").unwrap_or_else(|| {
+        panic!("DORMOUSE_GUEST_MODULES is not set: run the tests with `cargo xtask test`")
+    });
+    let mut fs = initramfs::Initramfs::new();
+    fs.file("bin/busybox", 0o755, &assets.busybox);
+    let mut preamble = String::from(
+        "mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs dev /dev\n",
+    );
+    for (i, rel) in modules.iter().flat_map(|m| m.iter()).enumerate() {
+        let path = std::path::Path::new(&root).join(rel);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path:?}: {e}"));
+        let name = format!("lib/modules/{i:02}.ko");
+        fs.file(&name, 0o644, &bytes);
+        preamble.push_str(&format!(
+            "insmod /{name} || echo '@@insmod failed: {rel}'\n"
+        ));
+    }
+    fs.init_script(&format!("{preamble}{script}"));
+    fs.write_to(dir, "initrd.cpio").unwrap()
+}
+
+/// The value after `@@key=` in the guest's output.
+pub fn fact(console: &str, key: &str) -> String {
+    let tag = format!("@@{key}=");
+    console
+        .lines()
+        .find_map(|l| {
+            l.trim_end_matches('\r')
+                .split_once(&tag)
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("guest did not report {key}; console:\n{console}"))
+}
+
+/// Boots `builder` (a kernel VM), runs it to its end on another thread,
+/// and returns the exit and the console text. `on_ready` runs once the guest
+/// printed `@@ready`, while the guest keeps running; then a line is written
+/// to the guest's console input (init scripts `read` it before powering off).
+pub fn run_guest(
+    builder: dormouse::MicroVmBuilder,
+    on_ready: impl FnOnce(&Console),
+) -> (dormouse::ExitReason, String) {
+    let console = Console::default();
+    let (guest_input, mut host_input) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut vm = builder
+        .serial_output(console.clone())
+        .serial_input(guest_input)
+        .build()
+        .expect("building the VM");
+    let runner = std::thread::spawn(move || vm.run());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    while !console.text().contains("@@ready") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest never got ready:\n{}",
+            console.text()
+        );
+        if runner.is_finished() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if console.text().contains("@@ready") {
+        on_ready(&console);
+        let _ = host_input.write_all(b"done\n");
+    }
+    let exit = runner.join().expect("vCPU runner thread").expect("run()");
+    (exit, console.text())
+}
+
+/// Prints a measurement to stderr directly, past libtest's output capture,
+/// so it shows up in `cargo xtask test` logs.
+pub fn report(line: &str) {
+    let _ = std::io::stderr().write_all(format!("@@measure {line}\n").as_bytes());
+}

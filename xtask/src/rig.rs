@@ -31,6 +31,8 @@ const GUEST_ENV: &[(&str, &str)] = &[
     ("DORMOUSE_GUEST_KERNEL", "/rig/assets/Image"),
     ("DORMOUSE_GUEST_BUSYBOX", "/rig/assets/busybox"),
     ("DORMOUSE_GUEST_MODULES", "/rig/assets/modules"),
+    ("DORMOUSE_TEST_DISK", "/rig/assets/disk.ext4"),
+    ("DORMOUSE_GUEST_VSOCK_TOOL", "/rig/assets/guest_vsock"),
 ];
 
 /// Variables passed through from our environment into the emulated host.
@@ -367,6 +369,12 @@ pub fn build_initramfs(rig: &Rig, jobs: &[Job], out: &Path) -> Result<u64> {
     }
     w.file("rig/assets/Image", 0o644, &rig.guest_image)?;
     w.file("rig/assets/busybox", 0o755, &rig.busybox)?;
+    w.file("rig/assets/disk.ext4", 0o644, &rig.test_disk)?;
+    // Cross-built by `cargo xtask test` only; benches and the demo do
+    // without it.
+    if rig.guest_vsock.is_file() {
+        w.file("rig/assets/guest_vsock", 0o755, &rig.guest_vsock)?;
+    }
     w.dir("rig/assets/modules")?;
     let mut modules = Vec::new();
     tree(&rig.guest_modules, Path::new(""), &mut modules)?;

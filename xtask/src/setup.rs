@@ -66,6 +66,11 @@ pub struct Rig {
     pub guest_image: PathBuf,
     pub guest_modules: PathBuf,
     pub busybox: PathBuf,
+    /// An ext4 image made with `mkfs.ext4 -d`, holding /hello.txt.
+    pub test_disk: PathBuf,
+    /// The guest-side vsock tool (examples/guest_vsock.rs), cross-built by
+    /// `cargo xtask test`.
+    pub guest_vsock: PathBuf,
 }
 
 impl Rig {
@@ -77,6 +82,8 @@ impl Rig {
             guest_image: dir.join("guest/Image"),
             guest_modules: dir.join("guest/modules"),
             busybox: dir.join("busybox"),
+            test_disk: dir.join("guest/disk.ext4"),
+            guest_vsock: dir.join("guest/guest_vsock"),
             dir,
         }
     }
@@ -92,6 +99,8 @@ impl Rig {
             ("DORMOUSE_GUEST_KERNEL", self.guest_image.clone()),
             ("DORMOUSE_GUEST_BUSYBOX", self.busybox.clone()),
             ("DORMOUSE_GUEST_MODULES", self.guest_modules.clone()),
+            ("DORMOUSE_TEST_DISK", self.test_disk.clone()),
+            ("DORMOUSE_GUEST_VSOCK_TOOL", self.guest_vsock.clone()),
         ]
     }
 }
@@ -334,7 +343,43 @@ fn ensure_assets(apt: &mut Apt) -> Result<Rig> {
     if !rig.busybox.is_file() {
         fetch_busybox(apt, &rig)?;
     }
+    if !rig.test_disk.is_file() {
+        make_test_disk(&rig)?;
+    }
     Ok(rig)
+}
+
+/// What the test disk's /hello.txt holds (tests/virtio_block.rs checks it).
+const TEST_DISK_HELLO: &str = "hello from the x86 side\n";
+
+/// Makes the ext4 test disk with `mkfs.ext4 -d` from a directory holding
+/// /hello.txt: the guest mounts it and reads the file back.
+fn make_test_disk(rig: &Rig) -> Result<()> {
+    let scratch = Scratch::new(rig, "disk")?;
+    let root = scratch.0.join("root");
+    util::mkdir(&root)?;
+    std::fs::write(root.join("hello.txt"), TEST_DISK_HELLO)
+        .context(|| format!("writing {}", root.join("hello.txt").display()))?;
+    let image = scratch.0.join("disk.ext4");
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-L", "dormouse-test", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .arg("32M");
+    util::run(
+        &mut cmd,
+        "mkfs.ext4 comes with e2fsprogs: run `cargo xtask setup` (or apt-get install e2fsprogs)",
+    )?;
+    if let Some(parent) = rig.test_disk.parent() {
+        util::mkdir(parent)?;
+    }
+    std::fs::rename(&image, &rig.test_disk)
+        .context(|| format!("moving the test disk to {}", rig.test_disk.display()))?;
+    util::say(format!(
+        "made the ext4 test disk {}",
+        rig.test_disk.display()
+    ));
+    Ok(())
 }
 
 /// A scratch directory under the rig cache, removed when dropped.

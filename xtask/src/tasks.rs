@@ -197,7 +197,9 @@ fn jobs(artifacts: &[Artifact], args: &[String]) -> Vec<Job> {
 fn emulated_tests(rig: &Rig, args: &[String]) -> Side {
     let start = Instant::now();
     let mut side = Side::new("emulated arm64 host (aarch64, nested KVM)");
-    let artifacts = match cross::check_debian_toolchain().and_then(|()| cross::build(Build::Tests))
+    let artifacts = match cross::check_debian_toolchain()
+        .and_then(|()| build_guest_tools(rig))
+        .and_then(|()| cross::build(Build::Tests))
     {
         Ok(artifacts) => artifacts,
         Err(e) => {
@@ -235,6 +237,30 @@ fn emulated_tests(rig: &Rig, args: &[String]) -> Side {
     side.seconds = start.elapsed().as_secs_f64();
     side
 }
+
+/// Cross-builds the programs tests copy into their guests.
+fn build_guest_tools(rig: &Rig) -> Result<()> {
+    let tool = cross::build(Build::Example(GUEST_VSOCK_EXAMPLE))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            util::Error::msg(format!("cargo built no `{GUEST_VSOCK_EXAMPLE}` example"))
+        })?;
+    if let Some(parent) = rig.guest_vsock.parent() {
+        util::mkdir(parent)?;
+    }
+    std::fs::copy(&tool.path, &rig.guest_vsock).context(|| {
+        format!(
+            "copying {} to {}",
+            tool.path.display(),
+            rig.guest_vsock.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// The guest-side vsock tool in examples/.
+const GUEST_VSOCK_EXAMPLE: &str = "guest_vsock";
 
 pub struct TestOptions {
     pub host: bool,

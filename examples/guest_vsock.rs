@@ -1,0 +1,158 @@
+//! A guest-side AF_VSOCK tool for dormouse's vsock tests (busybox has no
+//! vsock support). Cross-built as a static aarch64 binary and copied into
+//! test guests.
+//!
+//! ```text
+//! guest_vsock echo-server PORT                 echo every connection, forever
+//! guest_vsock send CID PORT BYTES [N] [PAR]    N rounds (default 1) of PAR
+//!                                              parallel connections (default
+//!                                              1), each sending BYTES and
+//!                                              checking the echo
+//! ```
+//! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::thread;
+
+/// A connected or listening vsock stream socket.
+fn vsock_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn address(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    // AF_VSOCK is 40: it fits sa_family_t.
+    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// sizeof(struct sockaddr_vm): 16 bytes.
+#[allow(clippy::cast_possible_truncation)]
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn connect(cid: u32, port: u32) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let fd = vsock_socket()?;
+    let addr = address(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes for the call.
+    check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) })?;
+    Ok(std::fs::File::from(fd))
+}
+
+fn echo_server(port: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = vsock_socket()?;
+    let addr = address(libc::VMADDR_CID_ANY, port);
+    // SAFETY: as in `connect`.
+    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) })?;
+    // SAFETY: listen(2) takes no pointers.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 64) })?;
+    println!("@@vsock_listening={port}");
+    loop {
+        // SAFETY: null address arguments are allowed by accept(2).
+        let conn =
+            unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+        if conn < 0 {
+            continue;
+        }
+        // SAFETY: `conn` is a fresh descriptor that nothing else owns.
+        let mut stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 31 + seed * 7) % 251).to_le_bytes()[0])
+        .collect()
+}
+
+/// Sends `bytes` on a new connection and checks they come back.
+fn round_trip(cid: u32, port: u32, bytes: usize, seed: usize) -> io::Result<()> {
+    let stream = connect(cid, port)?;
+    let mut reader = stream.try_clone()?;
+    let data = pattern(seed, bytes);
+    let sent = data.clone();
+    let mut writer = stream;
+    let sender = thread::spawn(move || writer.write_all(&sent));
+    let mut back = vec![0u8; bytes];
+    reader.read_exact(&mut back)?;
+    sender
+        .join()
+        .map_err(|_| io::Error::other("sender panicked"))??;
+    if back != data {
+        return Err(io::Error::other("echo differs from what was sent"));
+    }
+    Ok(())
+}
+
+fn send(cid: u32, port: u32, bytes: usize, rounds: usize, parallel: usize) -> io::Result<()> {
+    for round in 0..rounds {
+        let workers: Vec<_> = (0..parallel)
+            .map(|p| thread::spawn(move || round_trip(cid, port, bytes, round * parallel + p)))
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| io::Error::other("worker panicked"))??;
+        }
+    }
+    println!("@@vsock=ok {} {}", rounds * parallel, bytes);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize, default: usize| -> usize {
+        args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+    };
+    let port = u32::try_from(num(1, 0)).unwrap_or(0);
+    let result = match args.first().map(String::as_str) {
+        Some("echo-server") => echo_server(port),
+        Some("send") => {
+            let cid = u32::try_from(num(1, 2)).unwrap_or(2);
+            let port = u32::try_from(num(2, 0)).unwrap_or(0);
+            send(cid, port, num(3, 4096), num(4, 1), num(5, 1))
+        }
+        _ => Err(io::Error::other(
+            "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL]",
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("@@vsock=error {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
