@@ -44,11 +44,13 @@ mount -t ext4 /dev/vda /mnt && echo "@@mounted=yes"
 echo "@@hello=$(cat /mnt/hello.txt)"
 echo "{marker}" > /mnt/guest-note.txt
 sync
-echo "@@dd_write=$(dd if=/dev/zero of=/mnt/zeros bs=1M count=8 conv=fsync 2>&1 | tail -n 1)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/zero of=/mnt/zeros bs=1M count=16 conv=fsync 2>/dev/null && t1=$(cut -d' ' -f1 /proc/uptime) && echo "@@dd_write=16777216 $t0 $t1"
 rm /mnt/zeros
 umount /mnt && echo "@@unmounted=yes"
 echo 3 > /proc/sys/vm/drop_caches
-echo "@@dd_read=$(dd if=/dev/vda of=/dev/null bs=1M 2>&1 | tail -n 1)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null && t1=$(cut -d' ' -f1 /proc/uptime) && echo "@@dd_read=33554432 $t0 $t1"
 poweroff -f
 "#
     );
@@ -61,9 +63,21 @@ poweroff -f
     assert_eq!(fact(&text, "hello"), HELLO);
     assert_eq!(fact(&text, "unmounted"), "yes");
     for key in ["dd_write", "dd_read"] {
+        // "<bytes> <uptime before> <uptime after>", uptime in 10 ms steps.
         let line = fact(&text, key);
-        assert!(line.contains("bytes"), "{key}: {line}");
-        common::report(&format!("virtio-blk {key}: {line}"));
+        let fields: Vec<f64> = line
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or_else(|_| panic!("{key}: {line}")))
+            .collect();
+        let [bytes, t0, t1] = fields[..] else {
+            panic!("{key}: {line}")
+        };
+        let secs = (t1 - t0).max(0.01);
+        common::report(&format!(
+            "virtio-blk {key} (guest dd, bs=1M): {:.0} MiB in {secs:.2} s = {:.1} MiB/s",
+            bytes / 1048576.0,
+            bytes / 1048576.0 / secs
+        ));
     }
 
     // The host side: the new file's name and content are in the image.
