@@ -1,5 +1,6 @@
 //! The dormouse demo: boots an unmodified arm64 Linux guest to a busybox
-//! init, shows what it prints, and how long the VMM's setup and the boot took.
+//! init, then suspends the running session to a snapshot and resumes it
+//! from there, showing what the guest prints and what each step cost.
 //!
 //! ```text
 //! cargo xtask demo                       # in the emulated arm64 host
@@ -8,11 +9,14 @@
 //!
 //! KERNEL is an arm64 `Image`, BUSYBOX a static aarch64 busybox; both default
 //! to $DORMOUSE_GUEST_KERNEL and $DORMOUSE_GUEST_BUSYBOX. With
-//! `--interactive` the guest runs a shell on the console wired to stdin.
+//! `--interactive` the guest runs a shell on the console wired to stdin
+//! instead of the suspend/resume tour.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dormouse::builder::DEFAULT_CMDLINE;
 use dormouse::MicroVm;
@@ -22,15 +26,35 @@ mod initramfs;
 #[path = "../tests/common/marker.rs"]
 mod marker;
 
+/// Prints the guest's facts, starts a counting process, and answers
+/// `report` and `off` on the console.
 const INIT: &str = r#"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
 echo "@@init: hello from the guest's init"
 echo "kernel:  $(uname -sr)"
 echo "cpus:    $(grep -c ^processor /proc/cpuinfo)"
 echo "memory:  $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
 echo "clock:   $(date -u) (from the PL031 RTC)"
-echo "uptime:  $(cut -d' ' -f1 /proc/uptime) s"
+(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) &
+CPID=$!
+echo "session: process $CPID counts in /tmp/counter"
+echo "@@ready"
+while read cmd; do
+  case "$cmd" in
+    report) echo "guest:   uptime $(cut -d' ' -f1 /proc/uptime) s, process $CPID alive: $(kill -0 $CPID && echo yes), counter $(cat /tmp/counter)";;
+    off) poweroff -f;;
+  esac
+done
+"#;
+
+const SHELL: &str = r#"
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "@@init: hello from the guest's init (interactive shell: exit or poweroff -f to stop)"
+setsid cttyhack sh
+poweroff -f
 "#;
 
 struct Args {
@@ -82,21 +106,35 @@ fn main() -> ExitCode {
     }
 }
 
+fn ms(d: Duration) -> String {
+    format!("{:9.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Waits until the guest printed `what` (at most 10 minutes).
+fn wait_for(console: &marker::MarkerClock, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !console.text().contains(what) {
+        if Instant::now() > deadline {
+            return Err(format!("the guest never printed {what:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let busybox = std::fs::read(&args.busybox)
         .map_err(|e| format!("reading {}: {e}", args.busybox.display()))?;
-    let tail = if args.interactive {
-        "echo '(interactive shell: exit or poweroff -f to stop)'\nsetsid cttyhack sh\npoweroff -f\n"
-    } else {
-        "poweroff -f\n"
-    };
     let mut fs = initramfs::Initramfs::new();
     fs.file("bin/busybox", 0o755, &busybox)
-        .init_script(&format!("{INIT}{tail}"));
-    let initrd = fs.write_to(&std::env::temp_dir(), "dormouse-demo-initrd.cpio")?;
+        .init_script(if args.interactive { SHELL } else { INIT });
+    let work = std::env::temp_dir().join(format!("dormouse-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let initrd = fs.write_to(&work, "initrd.cpio")?;
 
     let console = marker::MarkerClock::echoing();
+    let (guest_input, mut input) = UnixStream::pair()?;
     let mut builder = MicroVm::builder()
         .vcpus(args.vcpus)
         .memory_mib(256)
@@ -104,29 +142,67 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
         .initrd(&initrd)
         .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
         .serial_output(console.clone());
-    if args.interactive {
-        builder = builder.serial_input(std::io::stdin());
-    }
+    builder = if args.interactive {
+        builder.serial_input(std::io::stdin())
+    } else {
+        builder.serial_input(guest_input)
+    };
 
-    println!(
-        "dormouse demo: booting {} on {} vCPUs",
-        args.kernel.display(),
-        args.vcpus
-    );
+    println!("dormouse demo: booting {} on {} vCPUs", args.kernel.display(), args.vcpus);
     let start = Instant::now();
     let mut vm = builder.build()?;
-    let built = Instant::now();
-    let exit = vm.run()?;
-    let end = Instant::now();
-
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-    println!("\n--- dormouse ---");
-    println!("guest stopped:            {exit:?}");
-    println!("VMM setup (build):        {:9.1} ms", ms(built - start));
-    if let Some(first) = console.seen() {
-        println!("build() to init's output: {:9.1} ms", ms(first - start));
+    let built = start.elapsed();
+    vm.start()?;
+    if args.interactive {
+        let exit = vm.wait()?;
+        println!("\nguest stopped: {exit:?}");
+        return Ok(());
     }
-    println!("total run:                {:9.1} ms", ms(end - built));
+    wait_for(&console, "@@ready")?;
+    let boot = console.seen().map(|t| t - start);
+    writeln!(input, "report")?;
+    wait_for(&console, "counter")?;
+
+    // Suspend: pause, snapshot to disk, and let the VM go.
+    let snap = work.join("snapshot");
+    let t = Instant::now();
+    vm.pause()?;
+    let paused = t.elapsed();
+    let info = vm.snapshot(&snap)?;
+    drop(vm);
+    println!("\n--- suspended to {} ---", snap.display());
+
+    // Resume: restore from the snapshot and carry on.
+    let console2 = marker::MarkerClock::echoing();
+    let (guest_input, mut input) = UnixStream::pair()?;
+    let t = Instant::now();
+    let mut vm = MicroVm::restore(&snap)
+        .serial_output(console2.clone())
+        .serial_input(guest_input)
+        .resume(true)
+        .build()?;
+    let restored = t.elapsed();
+    println!("--- resumed from the snapshot ---");
+    writeln!(input, "report")?;
+    wait_for(&console2, "counter")?;
+    writeln!(input, "off")?;
+    let exit = vm.wait()?;
+
+    println!("\n--- dormouse ---");
+    println!("guest stopped:             {exit:?}");
+    println!("VMM setup (build):         {}", ms(built));
+    if let Some(boot) = boot {
+        println!("build() to init's output:  {}", ms(boot));
+    }
+    println!("pause:                     {}", ms(paused));
+    println!(
+        "snapshot:                  {} ({} MiB memory, {} KiB state)",
+        ms(info.save_state + info.write_files),
+        info.memory_bytes >> 20,
+        info.state_bytes >> 10
+    );
+    println!("restore until running:     {}", ms(restored));
     println!("(times under emulation are 10-100x those on arm64 hardware)");
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

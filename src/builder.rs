@@ -334,7 +334,7 @@ impl MicroVmBuilder {
         if payload.bytes.is_empty() {
             return Err(ConfigError::EmptyPayload.into());
         }
-        if payload.addr.0 % 4 != 0 {
+        if !payload.addr.0.is_multiple_of(4) {
             return Err(ConfigError::MisalignedPayload(payload.addr.0).into());
         }
         let ram_start = DRAM_START.0;

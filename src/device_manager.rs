@@ -13,11 +13,11 @@ use vm_memory::GuestAddress;
 use crate::arch::aarch64::fdt::MmioDeviceInfo;
 use crate::arch::aarch64::layout;
 use crate::bus::{BusError, MmioBus};
-use crate::devices::rtc::{RtcDevice, RTC_SIZE};
-use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::devices::rtc::{RtcDevice, RtcSnapshot, RTC_SIZE};
+use crate::devices::serial::{SerialDevice, SerialOutput, SerialSnapshot};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
-use crate::devices::EventFdTrigger;
+use crate::devices::{EventFdTrigger, StateError};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::memory::GuestMemoryMmap;
 use crate::vm::{self, VmError};
@@ -65,6 +65,9 @@ pub enum DeviceError {
     /// The virtio-vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// A device's saved state could not be restored.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The event loop could not start.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -88,10 +91,12 @@ pub struct DeviceManager {
     pub bus: MmioBus,
     /// The console UART, once attached.
     pub serial: Option<(Arc<Mutex<SerialDevice>>, MmioDeviceInfo)>,
-    /// The RTC's description, once attached.
-    pub rtc: Option<MmioDeviceInfo>,
+    /// The RTC and its description, once attached.
+    pub rtc: Option<(Arc<Mutex<RtcDevice>>, MmioDeviceInfo)>,
     /// Each virtio transport's description, in attach order.
     pub virtio: Vec<MmioDeviceInfo>,
+    /// Each virtio transport, in attach order.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     subscribers: Vec<Subscriber>,
 }
 
@@ -118,15 +123,26 @@ impl DeviceManager {
             serial: None,
             rtc: None,
             virtio: Vec::new(),
+            transports: Vec::new(),
             subscribers: Vec::new(),
         }
     }
 
-    /// Attaches the console UART at slot 0, its interrupt an irqfd on SPI 0.
-    pub fn attach_serial(&mut self, vm: &VmFd, output: SerialOutput) -> Result<(), DeviceError> {
+    /// Attaches the console UART at slot 0, its interrupt an irqfd on SPI 0,
+    /// fresh or in a saved state.
+    pub fn attach_serial(
+        &mut self,
+        vm: &VmFd,
+        output: SerialOutput,
+        saved: Option<&SerialSnapshot>,
+    ) -> Result<(), DeviceError> {
         let trigger = EventFdTrigger::new().map_err(DeviceError::EventFd)?;
         let serial_trigger = trigger.try_clone().map_err(DeviceError::EventFd)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_trigger, output)));
+        let device = match saved {
+            Some(state) => SerialDevice::restore(serial_trigger, output, state)?,
+            None => SerialDevice::new(serial_trigger, output),
+        };
+        let serial = Arc::new(Mutex::new(device));
         vm::register_irqfd(vm, trigger.eventfd(), layout::SERIAL_SPI)?;
         self.bus
             .insert(layout::SERIAL_START.0, layout::SERIAL_SIZE, serial.clone())?;
@@ -139,19 +155,21 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Attaches the PL031 RTC at slot 1.
-    pub fn attach_rtc(&mut self) -> Result<(), DeviceError> {
-        self.bus.insert(
-            layout::RTC_START.0,
-            RTC_SIZE,
-            Arc::new(Mutex::new(RtcDevice::new())),
-        )?;
+    /// Attaches the PL031 RTC at slot 1, fresh or in a saved state.
+    pub fn attach_rtc(&mut self, saved: Option<&RtcSnapshot>) -> Result<(), DeviceError> {
+        let rtc = Arc::new(Mutex::new(match saved {
+            Some(state) => RtcDevice::restore(state),
+            None => RtcDevice::new(),
+        }));
+        self.bus
+            .insert(layout::RTC_START.0, RTC_SIZE, rtc.clone())?;
         // vm-superio's PL031 raises no alarm interrupt, so none is wired.
-        self.rtc = Some(MmioDeviceInfo {
+        let info = MmioDeviceInfo {
             base: layout::RTC_START,
             size: RTC_SIZE,
             spi: None,
-        });
+        };
+        self.rtc = Some((rtc, info));
         Ok(())
     }
 
@@ -198,9 +216,13 @@ impl DeviceManager {
                     })?;
             }
         }
-        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt);
-        self.bus
-            .insert(base.0, MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device.clone(),
+            mem.clone(),
+            interrupt,
+        )));
+        self.bus.insert(base.0, MMIO_SIZE, transport.clone())?;
+        self.transports.push(transport);
         self.subscribers.push(device.clone());
         self.virtio.push(MmioDeviceInfo {
             base,

@@ -1,9 +1,15 @@
 //! The VM's device I/O thread: one event-manager loop for every device's
 //! queue notifications and backend file descriptors. vCPU threads never do
 //! device I/O that blocks; they only signal eventfds this loop waits on.
+//!
+//! [`EventLoop::pause`] parks the thread between two passes, so that no
+//! device touches guest memory or its own state while a snapshot is taken.
+//!
+//! A device must take an fd off the loop (`EventOps::remove`) before it
+//! closes it: event-manager keeps its records by fd number.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -43,10 +49,64 @@ impl MutEventSubscriber for Stopper {
     }
 }
 
+/// Whether the loop thread should park, and whether it has.
+#[derive(Debug, Default)]
+struct ParkState {
+    requested: bool,
+    parked: bool,
+}
+
+#[derive(Debug, Default)]
+struct Park {
+    state: Mutex<ParkState>,
+    changed: Condvar,
+}
+
+impl Park {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Parks the loop thread when its eventfd is written and a pause is asked.
+struct Parker {
+    evt: EventFd,
+    park: Arc<Park>,
+}
+
+impl MutEventSubscriber for Parker {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.evt.read();
+        let mut state = self.park.lock();
+        if !state.requested {
+            return;
+        }
+        state.parked = true;
+        self.park.changed.notify_all();
+        while state.requested {
+            state = self
+                .park
+                .changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked = false;
+        self.park.changed.notify_all();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("event loop: cannot watch its pause eventfd: {e:?}");
+        }
+    }
+}
+
 /// The running loop; dropping it stops and joins the thread.
 #[derive(Debug)]
 pub struct EventLoop {
     stop: EventFd,
+    pause: EventFd,
+    park: Arc<Park>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -59,14 +119,22 @@ impl EventLoop {
             evt: stop.try_clone().map_err(EventLoopError::Io)?,
             stop: Arc::new(AtomicBool::new(false)),
         };
+        let pause = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Io)?;
+        let park = Arc::new(Park::default());
+        let parker = Parker {
+            evt: pause.try_clone().map_err(EventLoopError::Io)?,
+            park: park.clone(),
+        };
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("dormouse-io".into())
-            .spawn(move || run(subscribers, stopper, ready_tx))
+            .spawn(move || run(subscribers, stopper, parker, ready_tx))
             .map_err(EventLoopError::Io)?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
                 stop,
+                pause,
+                park,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => {
@@ -83,9 +151,44 @@ impl EventLoop {
     }
 }
 
+impl EventLoop {
+    /// Parks the loop thread between two passes and returns once it is
+    /// parked: no device runs until [`resume`](Self::resume). Returns
+    /// false if the thread is gone (it ended on an event-manager error).
+    pub fn pause(&self) -> bool {
+        let mut state = self.park.lock();
+        state.requested = true;
+        drop(state);
+        if self.pause.write(1).is_err() {
+            return false;
+        }
+        let mut state = self.park.lock();
+        while !state.parked {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return false;
+            }
+            let (next, _) = self
+                .park
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner());
+            state = next;
+        }
+        true
+    }
+
+    /// Lets a paused loop run again.
+    pub fn resume(&self) {
+        let mut state = self.park.lock();
+        state.requested = false;
+        self.park.changed.notify_all();
+    }
+}
+
 fn run(
     subscribers: Vec<Subscriber>,
     stopper: Stopper,
+    parker: Parker,
     ready: mpsc::Sender<Result<(), event_manager::Error>>,
 ) {
     let mut manager = match EventManager::<Subscriber>::new() {
@@ -97,6 +200,7 @@ fn run(
     };
     let stop = stopper.stop.clone();
     manager.add_subscriber(Arc::new(Mutex::new(stopper)));
+    manager.add_subscriber(Arc::new(Mutex::new(parker)));
     for s in subscribers {
         manager.add_subscriber(s);
     }
@@ -111,6 +215,7 @@ fn run(
 
 impl Drop for EventLoop {
     fn drop(&mut self) {
+        self.resume();
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -154,5 +259,25 @@ mod tests {
         drop(lp);
         // The subscriber went with the loop: its channel closed.
         assert!(rx.recv_timeout(Duration::from_secs(5)).is_err());
+    }
+
+    #[test]
+    fn a_paused_loop_runs_nothing_until_resumed() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let counter = Counter {
+            evt: evt.try_clone().unwrap(),
+            seen: tx,
+        };
+        let lp = EventLoop::start(vec![Arc::new(Mutex::new(counter))]).unwrap();
+        assert!(lp.pause());
+        evt.write(2).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        lp.resume();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
+        // Pausing twice in a row, and dropping while paused, are fine.
+        assert!(lp.pause());
+        assert!(lp.pause());
+        drop(lp);
     }
 }

@@ -40,6 +40,7 @@
 //! embeds dormouse must leave that signal to it.
 
 pub mod arch;
+mod build;
 pub mod builder;
 pub mod bus;
 pub mod device_manager;
@@ -47,12 +48,13 @@ pub mod devices;
 pub mod event_loop;
 pub mod memory;
 mod microvm;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
 pub use arch::aarch64::layout::DRAM_START;
 pub use builder::{ConfigError, MicroVmBuilder};
-pub use microvm::MicroVm;
+pub use microvm::{MicroVm, VmState};
 pub use vcpu::ExitReason;
 pub use vm_memory::GuestAddress;
 
@@ -89,7 +91,16 @@ pub enum Error {
     /// This host cannot run dormouse guests.
     #[error("dormouse runs aarch64 guests on aarch64 hosts only; this host is {0}")]
     UnsupportedArchitecture(&'static str),
-    /// [`MicroVm::run`] was called on a VM that already stopped.
-    #[error("the VM already stopped ({0:?}); build a new one to run again")]
+    /// The VM already stopped.
+    #[error("the VM already stopped ({0:?}); build or restore a new one to run again")]
     AlreadyStopped(ExitReason),
+    /// The VM is paused, so waiting for it would never end.
+    #[error("the VM is paused: call start() or resume() first")]
+    NotRunning,
+    /// A vCPU failed earlier; the VM cannot run again.
+    #[error("the VM failed earlier and cannot run again; build or restore a new one")]
+    VmFailed,
+    /// Taking or restoring a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
 }

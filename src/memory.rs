@@ -48,7 +48,7 @@ pub fn validate_size(size: u64) -> Result<(), MemoryError> {
     if size == 0 {
         return Err(MemoryError::SizeZero);
     }
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::NotPageAligned(size));
     }
     if size > DRAM_MAX_SIZE {

@@ -13,14 +13,17 @@
 //! in processes that embed it.
 
 use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::{mpsc, Arc, Once};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use libc::{c_int, c_void, siginfo_t};
-use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
 use crate::bus::MmioBus;
 
@@ -173,6 +176,13 @@ impl Vcpu {
         let index = self.index;
         loop {
             if stop.load(Ordering::Acquire) {
+                // An MMIO read handled just before is only committed to the
+                // guest's registers on the next KVM_RUN: run once with
+                // immediate_exit so KVM completes it and returns at once,
+                // leaving the vCPU in a state that can be saved.
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.fd.set_kvm_immediate_exit(0);
                 return Ok(None);
             }
             match self.fd.run() {
@@ -208,5 +218,121 @@ impl Vcpu {
                 Err(source) => return Err(VcpuError::Run { index, source }),
             }
         }
+    }
+}
+
+/// What a vCPU thread reports when it ends.
+type VcpuReport = (u32, Result<Option<ExitReason>, VcpuError>);
+
+/// The vCPU threads of a running VM.
+pub(crate) struct VcpuThreads {
+    stop: Arc<AtomicBool>,
+    reports: mpsc::Receiver<VcpuReport>,
+    threads: Vec<(u32, JoinHandle<Option<Vcpu>>)>,
+}
+
+/// How the threads of a VM ended.
+pub(crate) struct Stopped {
+    /// The vCPUs, in index order, back from their threads.
+    pub vcpus: Vec<Vcpu>,
+    /// The first guest exit or vCPU error any thread reported, if one did.
+    pub outcome: Option<Result<ExitReason, VcpuError>>,
+}
+
+impl VcpuThreads {
+    /// Runs each vCPU on a thread of its own. If a thread cannot be
+    /// created, the ones already started are stopped and the error returned
+    /// (the vCPU whose thread failed is lost with it: the VM cannot run on).
+    pub fn spawn(vcpus: Vec<Vcpu>, bus: &Arc<crate::bus::MmioBus>) -> Result<Self, VcpuError> {
+        install_kick_handler()?;
+        let (tx, reports) = mpsc::channel();
+        let mut me = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            reports,
+            threads: Vec::with_capacity(vcpus.len()),
+        };
+        for mut vcpu in vcpus {
+            let index = vcpu.index();
+            let (bus, stop, tx) = (bus.clone(), me.stop.clone(), tx.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("dormouse-vcpu{index}"))
+                .spawn(move || {
+                    let result =
+                        catch_unwind(AssertUnwindSafe(|| vcpu.run_until_stopped(&bus, &stop)));
+                    match result {
+                        Ok(report) => {
+                            let _ = tx.send((index, report));
+                            Some(vcpu)
+                        }
+                        Err(_) => {
+                            let _ = tx.send((index, Err(VcpuError::ThreadPanicked { index })));
+                            None
+                        }
+                    }
+                });
+            match spawned {
+                Ok(handle) => me.threads.push((index, handle)),
+                Err(source) => {
+                    drop(me.stop());
+                    return Err(VcpuError::Spawn { index, source });
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for a vCPU to stop the
+    /// VM: a guest exit or a vCPU error.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<Result<ExitReason, VcpuError>> {
+        loop {
+            let report = match timeout {
+                None => self.reports.recv().ok(),
+                Some(t) => match self.reports.recv_timeout(t) {
+                    Ok(r) => Some(r),
+                    Err(mpsc::RecvTimeoutError::Timeout) => return None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            match report {
+                Some((_, Ok(Some(reason)))) => return Some(Ok(reason)),
+                Some((_, Err(e))) => return Some(Err(e)),
+                // Only after `stop` is set, which this type does itself.
+                Some((_, Ok(None))) => continue,
+                // Every thread ended without a report: all panicked.
+                None => return Some(Err(VcpuError::ThreadPanicked { index: 0 })),
+            }
+        }
+    }
+
+    /// Stops every thread and takes the vCPUs back.
+    pub fn stop(self) -> Stopped {
+        self.stop.store(true, Ordering::Release);
+        for (_, handle) in &self.threads {
+            // ESRCH (thread already gone) is fine: it saw `stop` or ended.
+            let _ = handle.kill(kick_signal());
+        }
+        let mut vcpus = Vec::with_capacity(self.threads.len());
+        let mut outcome = None;
+        for (index, handle) in self.threads {
+            match handle.join() {
+                Ok(Some(vcpu)) => vcpus.push(vcpu),
+                Ok(None) | Err(_) => {
+                    outcome.get_or_insert(Err(VcpuError::ThreadPanicked { index }));
+                }
+            }
+        }
+        for (_, report) in self.reports.try_iter() {
+            match report {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    outcome.get_or_insert(Ok(reason));
+                }
+                Err(e) => {
+                    outcome.get_or_insert(Err(e));
+                }
+            }
+        }
+        vcpus.sort_by_key(Vcpu::index);
+        Stopped { vcpus, outcome }
     }
 }

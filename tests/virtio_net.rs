@@ -9,23 +9,16 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{fact, guest_assets, guest_initrd, modules, run_guest, TempDir};
+use common::{fact, guest_assets, guest_initrd, isolated_tap, modules, run_guest, TempDir};
 use dormouse::builder::DEFAULT_CMDLINE;
-use dormouse::devices::virtio::net::{Tap, TapConfig};
+use dormouse::devices::virtio::net::TapConfig;
 use dormouse::{ExitReason, MicroVm};
 
 const HOST_IP: &str = "10.200.0.1";
 const GUEST_IP: &str = "10.200.0.2";
 const FILE_LEN: usize = 1 << 20;
-
-fn busybox(args: &[&str]) {
-    let bb = std::env::var_os("DORMOUSE_GUEST_BUSYBOX").expect("DORMOUSE_GUEST_BUSYBOX");
-    let status = Command::new(&bb).args(args).status().unwrap();
-    assert!(status.success(), "busybox {args:?} failed: {status}");
-}
 
 fn payload() -> Vec<u8> {
     (0..FILE_LEN)
@@ -33,34 +26,10 @@ fn payload() -> Vec<u8> {
         .collect()
 }
 
-/// Moves this test into a network namespace of its own (the thread, and
-/// every thread and process it starts from now on) with a fresh TAP.
-fn isolated_tap(name: &str) -> Tap {
-    // The TAP driver, from the same kernel's modules (already loaded is fine).
-    let modules = std::env::var_os("DORMOUSE_GUEST_MODULES").expect("DORMOUSE_GUEST_MODULES");
-    let tun = std::path::Path::new(&modules).join("kernel/drivers/net/tun.ko");
-    let bb = std::env::var_os("DORMOUSE_GUEST_BUSYBOX").expect("DORMOUSE_GUEST_BUSYBOX");
-    let _ = Command::new(&bb).arg("insmod").arg(&tun).status();
-    // SAFETY: unshare(2) takes no pointers; it only changes this thread's
-    // network namespace.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare(CLONE_NEWNET): {}",
-        std::io::Error::last_os_error()
-    );
-    busybox(&["ip", "link", "set", "lo", "up"]);
-    let tap = Tap::open(name).expect("opening the TAP");
-    busybox(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", name]);
-    busybox(&["ip", "link", "set", name, "up"]);
-    tap
-}
-
 #[test]
 fn the_guest_pings_the_host_and_moves_files_over_tcp() {
     let tmp = TempDir::new("net");
-    let tap = isolated_tap("dmtap0");
+    let tap = isolated_tap("dmtap0", &format!("{HOST_IP}/24"));
     let data = payload();
     // The guest's copy of the file rides in its initramfs.
     let script = format!(

@@ -13,6 +13,16 @@ use std::io;
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// A saved device state that cannot be restored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid saved state for the {device}: {reason}")]
+pub struct StateError {
+    /// Which device.
+    pub device: &'static str,
+    /// What is wrong with the state.
+    pub reason: String,
+}
+
 /// An interrupt line backed by an eventfd: writing to it raises the
 /// interrupt once the VM has registered the eventfd as an irqfd.
 #[derive(Debug)]

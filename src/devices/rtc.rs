@@ -4,7 +4,8 @@
 //! 32 bits wide; accesses of any other width read as zero and writes are
 //! dropped (the guest controls the width).
 
-use vm_superio::rtc_pl031::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::rtc_pl031::{NoEvents, RtcState};
 use vm_superio::Rtc;
 
 use crate::bus::BusDevice;
@@ -25,10 +26,53 @@ impl std::fmt::Debug for RtcDevice {
     }
 }
 
+/// The PL031's registers, for snapshots. The clock keeps following the
+/// host's wall clock across a restore, as a real RTC keeps time while the
+/// machine is off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcSnapshot {
+    /// Load register.
+    pub lr: u32,
+    /// Offset from the host clock.
+    pub offset: i64,
+    /// Match register.
+    pub mr: u32,
+    /// Interrupt mask.
+    pub imsc: u32,
+    /// Raw interrupt status.
+    pub ris: u32,
+}
+
 impl RtcDevice {
     /// A clock that reads the host's current time.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Saves the registers.
+    pub fn save(&self) -> RtcSnapshot {
+        let s = self.rtc.state();
+        RtcSnapshot {
+            lr: s.lr,
+            offset: s.offset,
+            mr: s.mr,
+            imsc: s.imsc,
+            ris: s.ris,
+        }
+    }
+
+    /// A clock in a saved state.
+    pub fn restore(saved: &RtcSnapshot) -> Self {
+        let state = RtcState {
+            lr: saved.lr,
+            offset: saved.offset,
+            mr: saved.mr,
+            imsc: saved.imsc,
+            ris: saved.ris,
+        };
+        Self {
+            rtc: Rtc::from_state(&state, NoEvents),
+        }
     }
 }
 
@@ -75,6 +119,15 @@ mod tests {
         let mut word = [0u8; 4];
         rtc.read(PERIPH_ID0, &mut word);
         assert_eq!(word[0], 0x31);
+    }
+
+    #[test]
+    fn save_and_restore_keep_the_registers() {
+        let mut rtc = RtcDevice::new();
+        rtc.write(0x4, &7u32.to_le_bytes()); // match register
+        let saved = rtc.save();
+        assert_eq!(saved.mr, 7);
+        assert_eq!(RtcDevice::restore(&saved).save(), saved);
     }
 
     #[test]

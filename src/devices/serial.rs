@@ -9,10 +9,11 @@ use std::sync::{Mutex, Weak};
 use std::thread;
 use std::time::Duration;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
-use super::EventFdTrigger;
+use super::{EventFdTrigger, StateError};
 use crate::bus::BusDevice;
 
 /// The sink the guest's console output goes to.
@@ -36,7 +37,75 @@ impl std::fmt::Debug for SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Input not yet read by the guest (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
+    /// Saves the UART's state.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state, writing to `output`.
+    pub fn restore(
+        interrupt: EventFdTrigger,
+        output: SerialOutput,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, StateError> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor[0],
+            baud_divisor_high: saved.baud_divisor[1],
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let serial =
+            Serial::from_state(&state, interrupt, NoEvents, output).map_err(|e| StateError {
+                device: "serial console",
+                reason: format!("{e:?}"),
+            })?;
+        Ok(Self {
+            serial,
+            output_errors: 0,
+        })
+    }
+
     /// A UART that writes what the guest sends to `output` and raises
     /// `interrupt` when the guest driver should look at it.
     pub fn new(interrupt: EventFdTrigger, output: SerialOutput) -> Self {
@@ -230,6 +299,44 @@ mod tests {
         drop(dev);
         let handle = spawn_input_thread(weak, Box::new(io::repeat(b'x'))).unwrap();
         handle.join().unwrap();
+    }
+
+    #[test]
+    fn save_and_restore_keep_registers_and_pending_input() {
+        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(Sink::default()));
+        dev.write(3, &[0x80]); // DLAB on
+        dev.write(0, &[0x0c]); // divisor low
+        dev.write(3, &[0x03]); // DLAB off, 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"abc");
+        let saved = dev.save();
+        let mut back = SerialDevice::restore(
+            EventFdTrigger::new().unwrap(),
+            Box::new(Sink::default()),
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(back.save(), saved);
+        let mut b = [0u8];
+        back.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        for want in b"abc" {
+            back.read(0, &mut b);
+            assert_eq!(b[0], *want);
+        }
+    }
+
+    #[test]
+    fn an_oversized_saved_fifo_is_refused() {
+        let mut saved =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(Sink::default())).save();
+        saved.in_buffer = vec![0; 65];
+        assert!(SerialDevice::restore(
+            EventFdTrigger::new().unwrap(),
+            Box::new(Sink::default()),
+            &saved
+        )
+        .is_err());
     }
 
     #[test]

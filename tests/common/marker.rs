@@ -19,6 +19,7 @@ struct State {
     tail: Vec<u8>,
     seen: Option<Instant>,
     echo: bool,
+    all: Vec<u8>,
 }
 
 impl MarkerClock {
@@ -27,6 +28,12 @@ impl MarkerClock {
         let me = Self::default();
         me.state.lock().unwrap().echo = true;
         me
+    }
+
+    /// Everything the guest printed (kept only when echoing).
+    pub fn text(&self) -> String {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&st.all).into_owned()
     }
 
     /// When the marker first appeared.
@@ -48,6 +55,7 @@ impl Write for MarkerClock {
             st.tail.drain(..keep);
         }
         if st.echo {
+            st.all.extend_from_slice(buf);
             let mut out = std::io::stdout().lock();
             out.write_all(buf)?;
             out.flush()?;

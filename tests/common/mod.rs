@@ -184,3 +184,100 @@ pub fn run_guest(
 pub fn report(line: &str) {
     let _ = std::io::stderr().write_all(format!("@@measure {line}\n").as_bytes());
 }
+
+/// A guest console driven line by line: what the guest prints is captured,
+/// commands go to its console input.
+pub struct Session {
+    /// Everything the guest printed.
+    pub console: Console,
+    input: std::os::unix::net::UnixStream,
+}
+
+impl Session {
+    /// A console sink and the guest end of its input, for a builder or a
+    /// restore.
+    pub fn new() -> (Self, std::os::unix::net::UnixStream) {
+        let (guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        (
+            Self {
+                console: Console::default(),
+                input: host,
+            },
+            guest,
+        )
+    }
+
+    /// Types a line into the guest's console.
+    pub fn send(&mut self, line: &str) {
+        self.input
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+
+    /// Runs a shell command in the guest (the session scripts `eval` what
+    /// follows `run`). The tty echoes what is typed, so every `@@` in the
+    /// command is typed as `@""@`: only the command's output, not its echo,
+    /// can then match [`wait_fact`](Self::wait_fact).
+    pub fn run(&mut self, command: &str) {
+        self.send(&format!("run {}", command.replace("@@", "@\"\"@")));
+    }
+
+    /// Waits for the guest to print a whole line `@@key=value` and returns
+    /// the value.
+    pub fn wait_fact(&self, key: &str, timeout: std::time::Duration) -> String {
+        let tag = format!("@@{key}=");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let text = self.console.text();
+            // Every piece but the last ended with a newline: whole lines.
+            let mut lines: Vec<&str> = text.split('\n').collect();
+            lines.pop();
+            if let Some(value) = lines
+                .iter()
+                .find_map(|l| l.trim_end_matches('\r').split_once(&tag).map(|(_, v)| v))
+            {
+                return value.trim().to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "guest never printed {tag}; console:\n{text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs busybox (the rig's static one) in the host.
+pub fn host_busybox(args: &[&str]) {
+    let bb = std::env::var_os("DORMOUSE_GUEST_BUSYBOX").expect("DORMOUSE_GUEST_BUSYBOX");
+    let status = std::process::Command::new(&bb).args(args).status().unwrap();
+    assert!(status.success(), "busybox {args:?} failed: {status}");
+}
+
+/// Moves the calling test thread (and every thread and process it starts
+/// from now on) into a network namespace of its own, with a TAP named
+/// `name` whose host end has `host_cidr`.
+pub fn isolated_tap(name: &str, host_cidr: &str) -> dormouse::devices::virtio::net::Tap {
+    // The TAP driver, from the same kernel's modules (already loaded is fine).
+    let modules = std::env::var_os("DORMOUSE_GUEST_MODULES").expect("DORMOUSE_GUEST_MODULES");
+    let tun = std::path::Path::new(&modules).join("kernel/drivers/net/tun.ko");
+    let bb = std::env::var_os("DORMOUSE_GUEST_BUSYBOX").expect("DORMOUSE_GUEST_BUSYBOX");
+    let _ = std::process::Command::new(&bb)
+        .arg("insmod")
+        .arg(&tun)
+        .status();
+    // SAFETY: unshare(2) takes no pointers; it only changes this thread's
+    // network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    host_busybox(&["ip", "link", "set", "lo", "up"]);
+    let tap = dormouse::devices::virtio::net::Tap::open(name).expect("opening the TAP");
+    host_busybox(&["ip", "addr", "add", host_cidr, "dev", name]);
+    host_busybox(&["ip", "link", "set", name, "up"]);
+    tap
+}

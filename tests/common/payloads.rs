@@ -3,6 +3,26 @@
 // this file is up to date). Each constant is a bare-metal aarch64 payload as
 // little-endian instruction words, each commented with its disassembly.
 
+/// Assembled from `tests/payloads/counter.S`.
+pub const COUNTER: &[u32] = &[
+    // _start:
+    0xd2b88000, // mov x0, #0xc4000000 // #3288334336
+    0xf2800060, // movk x0, #0x3
+    0xd2800021, // mov x1, #0x1 // #1
+    0x10000062, // adr x2, 18 <count>
+    0xd2800003, // mov x3, #0x0 // #0
+    0xd4000002, // hvc #0x0
+    // count:
+    0xd53800a4, // mrs x4, mpidr_el1
+    0x92401c84, // and x4, x4, #0xff
+    0xd2b00202, // mov x2, #0x80100000 // #2148532224
+    0x8b040c42, // add x2, x2, x4, lsl #3
+    0xd2800001, // mov x1, #0x0 // #0
+    0x91000421, // add x1, x1, #0x1
+    0xf9000041, // str x1, [x2]
+    0x17fffffe, // b 2c <count+0x14>
+];
+
 /// Assembled from `tests/payloads/hello.S`.
 pub const HELLO: &[u32] = &[
     // _start:

@@ -87,7 +87,7 @@ const _: () = {
     assert!(MMIO_END.0 <= DRAM_START.0);
     assert!(SERIAL_START.0 + SERIAL_SIZE <= MMIO_START.0 + MMIO_SLOT_SIZE);
     assert!(RTC_START.0 >= SERIAL_START.0 + MMIO_SLOT_SIZE);
-    assert!(GIC_NR_IRQS % 32 == 0);
+    assert!(GIC_NR_IRQS.is_multiple_of(32));
     // The arm64 boot protocol wants the kernel 2 MiB aligned from RAM start.
-    assert!(DRAM_START.0 % (2 << 20) == 0);
+    assert!(DRAM_START.0.is_multiple_of(2 << 20));
 };

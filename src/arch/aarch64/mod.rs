@@ -3,6 +3,7 @@
 
 pub mod fdt;
 pub mod layout;
+pub mod state;
 
 #[cfg(target_arch = "aarch64")]
 pub mod boot;
@@ -63,6 +64,40 @@ pub enum ArchError {
     GicAttribute {
         /// Which attribute.
         what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved vGIC state does not fit this VM.
+    #[error("the saved vGIC state does not fit this VM: {0}")]
+    GicState(String),
+    /// Reading the vCPU register list failed.
+    #[error("KVM_GET_REG_LIST failed for vCPU {index}")]
+    RegList {
+        /// The vCPU index.
+        index: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Saving or restoring a vCPU's multiprocessing state failed.
+    #[error("KVM_{what}_MP_STATE failed for vCPU {index}")]
+    MpState {
+        /// GET or SET.
+        what: &'static str,
+        /// The vCPU index.
+        index: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved register does not fit.
+    #[error("saved register {id:#x} of vCPU {index} could not be restored")]
+    RestoreRegister {
+        /// The vCPU index.
+        index: u32,
+        /// The KVM register id.
+        id: u64,
         /// The KVM error.
         #[source]
         source: kvm_ioctls::Error,

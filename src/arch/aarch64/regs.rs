@@ -11,6 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
+pub use super::state::{SavedReg, VcpuState};
 use super::ArchError;
 
 /// PSTATE at boot: EL1 with SP_EL1, debug, SError, IRQ and FIQ masked (the
@@ -93,4 +94,99 @@ pub fn set_boot_registers(vcpu: &VcpuFd, index: u32, entry: u64, x0: u64) -> Res
     set_reg(vcpu, index, "PSTATE", PSTATE, BOOT_PSTATE)?;
     set_reg(vcpu, index, "PC", PC, entry)?;
     set_reg(vcpu, index, "X0", X0, x0)
+}
+
+/// The largest register KVM has on arm64 (an SVE Z register, 2048 bits).
+const MAX_REG_BYTES: usize = 256;
+
+/// The size in bytes a register id encodes.
+fn reg_size(id: u64) -> usize {
+    let shift = (id & kvm_bindings::KVM_REG_SIZE_MASK) >> kvm_bindings::KVM_REG_SIZE_SHIFT;
+    // The size field is 4 bits: at most 1 << 15, so the shift cannot overflow.
+    1usize << shift.min(15)
+}
+
+/// The most registers kvm-bindings' `RegList` holds (arm64 vCPUs have a
+/// few hundred without SVE).
+const REG_LIST_CAPACITY: usize = 500;
+
+fn reg_list(vcpu: &VcpuFd, index: u32) -> Result<Vec<u64>, ArchError> {
+    let mut list = kvm_bindings::RegList::new(REG_LIST_CAPACITY)
+        .map_err(|_| ArchError::GicState("cannot allocate the register list".into()))?;
+    vcpu.get_reg_list(&mut list)
+        .map_err(|source| ArchError::RegList { index, source })?;
+    Ok(list.as_slice().to_vec())
+}
+
+/// Saves vCPU `index`. The vCPU must not be running.
+pub fn save_vcpu(vcpu: &VcpuFd, index: u32) -> Result<VcpuState, ArchError> {
+    let ids = reg_list(vcpu, index)?;
+    let mut regs = Vec::with_capacity(ids.len());
+    for id in ids {
+        let mut value = vec![0u8; reg_size(id).min(MAX_REG_BYTES)];
+        vcpu.get_one_reg(id, &mut value)
+            .map_err(|source| ArchError::GetRegister {
+                index,
+                name: "(from KVM_GET_REG_LIST)",
+                source,
+            })?;
+        regs.push(SavedReg { id, value });
+    }
+    let mp_state = vcpu
+        .get_mp_state()
+        .map_err(|source| ArchError::MpState {
+            what: "GET",
+            index,
+            source,
+        })?
+        .mp_state;
+    Ok(VcpuState {
+        mpidr: mpidr(vcpu, index)?,
+        mp_state,
+        regs,
+    })
+}
+
+/// Restores a saved vCPU onto `vcpu`, which must have been initialised
+/// with [`init_vcpu`]. A register whose saved size does not match its id is
+/// refused (the state file is untrusted input).
+pub fn restore_vcpu(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), ArchError> {
+    for reg in &state.regs {
+        if reg.value.len() != reg_size(reg.id) || reg.value.len() > MAX_REG_BYTES {
+            return Err(ArchError::GicState(format!(
+                "register {:#x} of vCPU {index} holds {} bytes, its id says {}",
+                reg.id,
+                reg.value.len(),
+                reg_size(reg.id)
+            )));
+        }
+        vcpu.set_one_reg(reg.id, &reg.value)
+            .map_err(|source| ArchError::RestoreRegister {
+                index,
+                id: reg.id,
+                source,
+            })?;
+    }
+    vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: state.mp_state,
+    })
+    .map_err(|source| ArchError::MpState {
+        what: "SET",
+        index,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_sizes_come_from_the_id() {
+        assert_eq!(reg_size(PC), 8);
+        assert_eq!(reg_size(MPIDR_EL1), 8);
+        // KVM_REG_SIZE_U128 (FP/SIMD V registers).
+        assert_eq!(reg_size(KVM_REG_ARM64 | (4 << 52)), 16);
+        assert_eq!(reg_size(KVM_REG_ARM64 | (2 << 52)), 4);
+    }
 }

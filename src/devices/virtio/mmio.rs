@@ -5,10 +5,12 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::QueueT;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{QueueState, QueueT};
 
 use super::{status, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::devices::StateError;
 use crate::memory::GuestMemoryMmap;
 
 /// "virt" in little endian.
@@ -49,6 +51,85 @@ mod reg {
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// A saved virtqueue (virtio-queue's `QueueState`, as plain data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    /// The device's maximum size.
+    pub max_size: u16,
+    /// The device's next available-ring index.
+    pub next_avail: u16,
+    /// The device's next used-ring index.
+    pub next_used: u16,
+    /// Whether VIRTIO_F_RING_EVENT_IDX is on.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// Whether the driver marked it ready.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A virtio-mmio transport and its device's queues, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// The device type, checked against the device rebuilt on restore.
+    pub device_type: u32,
+    /// The status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote (acked once FEATURES_OK is set).
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Pending InterruptStatus bits.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The queues: the device's live copies once activated, else the
+    /// transport's register view.
+    pub queues: Vec<SavedQueue>,
 }
 
 /// A virtio device behind virtio-mmio registers.
@@ -114,6 +195,96 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
         }
+    }
+
+    /// Saves the transport and its device's queues. The device must be
+    /// quiescent (event loop paused, vCPUs stopped).
+    pub fn save(&self) -> TransportState {
+        let live = lock(&self.device).queue_states();
+        let queues = if live.len() == self.queues.len() {
+            live.into_iter().map(SavedQueue::from).collect()
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        TransportState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            queues,
+        }
+    }
+
+    /// Puts a freshly built transport (and its device) into a saved state:
+    /// the saved queues are rebuilt through virtio-queue's checks, and a
+    /// device the driver had started is activated on them again. The state
+    /// comes from a file: every mismatch is an error, not a panic.
+    pub fn restore(&mut self, saved: &TransportState) -> Result<(), StateError> {
+        let invalid = |reason: String| StateError {
+            device: "virtio-mmio transport",
+            reason,
+        };
+        if saved.device_type != self.device_type {
+            return Err(invalid(format!(
+                "saved device type {} but the VM's device in this slot has type {}",
+                saved.device_type, self.device_type
+            )));
+        }
+        if saved.queues.len() != self.queues.len() {
+            return Err(invalid(format!(
+                "{} queues saved, the device has {}",
+                saved.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (i, (q, current)) in saved.queues.iter().zip(&self.queues).enumerate() {
+            if q.max_size != current.max_size() {
+                return Err(invalid(format!("queue {i} has a different maximum size")));
+            }
+            queues.push(
+                Queue::try_from(QueueState::from(*q))
+                    .map_err(|e| invalid(format!("queue {i}: {e:?}")))?,
+            );
+        }
+        if saved.driver_features & !self.device_features != 0 {
+            return Err(invalid(
+                "the driver acked features the device does not offer".into(),
+            ));
+        }
+        self.status = saved.status;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.driver_features = saved.driver_features;
+        self.queue_sel = saved.queue_sel;
+        self.interrupt
+            .restore(saved.interrupt_status, saved.config_generation);
+        let running =
+            saved.status & status::DRIVER_OK != 0 && saved.status & status::DEVICE_NEEDS_RESET == 0;
+        if saved.status & status::FEATURES_OK != 0 {
+            lock(&self.device).set_acked_features(self.driver_features);
+        }
+        if running {
+            let copies = queues
+                .iter()
+                .map(|q| Queue::try_from(q.state()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(format!("{e:?}")))?;
+            if let Some(i) = copies.iter().position(|q| !q.is_valid(&self.mem)) {
+                return Err(invalid(format!("queue {i} does not lie in guest memory")));
+            }
+            let mut device = lock(&self.device);
+            device
+                .activate(self.mem.clone(), self.interrupt.clone(), copies)
+                .map_err(|e| invalid(format!("re-activating the device: {e}")))?;
+            device.restored();
+        }
+        self.queues = queues;
+        Ok(())
     }
 
     /// The device status register as the driver last set it.
@@ -350,7 +521,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         match <&mut [u8; 4]>::try_from(&mut *data) {
-            Ok(word) if offset % 4 == 0 => *word = self.read_u32(offset).to_le_bytes(),
+            Ok(word) if offset.is_multiple_of(4) => *word = self.read_u32(offset).to_le_bytes(),
             _ => data.fill(0),
         }
     }
@@ -360,7 +531,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).write_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if let (Ok(word), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        if let (Ok(word), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_u32(offset, u32::from_le_bytes(word));
         }
     }
@@ -445,6 +616,12 @@ mod tests {
         }
         fn needs_reset(&self) -> bool {
             self.broken
+        }
+        fn queue_states(&self) -> Vec<QueueState> {
+            self.active
+                .as_ref()
+                .map(|qs| qs.iter().map(|q| q.state()).collect())
+                .unwrap_or_default()
         }
     }
 
@@ -658,6 +835,50 @@ mod tests {
         t.setup_queue(0, 0x1_0000);
         t.driver_ok();
         assert!(t.device.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn save_and_restore_bring_back_a_running_device() {
+        let mut t = rig(2);
+        t.negotiate(VIRTIO_F_VERSION_1 | FEATURE_X);
+        t.setup_queue(0, 0x1_0000);
+        t.setup_queue(1, 0x2_0000);
+        t.driver_ok();
+        t.interrupt.signal_used_queue().unwrap();
+        let saved = t.transport.save();
+        assert_eq!(saved.queues[1].desc_table, 0x2_0000);
+
+        let mut fresh = rig(2);
+        fresh.transport.restore(&saved).unwrap();
+        assert_eq!(fresh.transport.save(), saved);
+        assert_eq!(fresh.r(reg::STATUS), t.r(reg::STATUS));
+        assert_eq!(fresh.r(reg::INTERRUPT_STATUS), interrupt_status::USED_RING);
+        let dev = fresh.device.lock().unwrap();
+        assert_eq!(dev.acked, Some(VIRTIO_F_VERSION_1 | FEATURE_X));
+        assert_eq!(dev.active.as_ref().unwrap()[1].desc_table(), 0x2_0000);
+    }
+
+    #[test]
+    fn restoring_a_state_that_does_not_fit_is_an_error() {
+        let mut t = rig(1);
+        t.negotiate(VIRTIO_F_VERSION_1);
+        t.setup_queue(0, 0x1_0000);
+        t.driver_ok();
+        let saved = t.transport.save();
+
+        let mut wrong = saved.clone();
+        wrong.device_type = 7;
+        assert!(rig(1).transport.restore(&wrong).is_err());
+        assert!(rig(2).transport.restore(&saved).is_err());
+        let mut wrong = saved.clone();
+        wrong.queues[0].size = 3; // not a power of two
+        assert!(rig(1).transport.restore(&wrong).is_err());
+        let mut wrong = saved.clone();
+        wrong.queues[0].used_ring = 0xffff_ff00; // outside guest memory
+        assert!(rig(1).transport.restore(&wrong).is_err());
+        let mut wrong = saved;
+        wrong.driver_features |= 1 << 60;
+        assert!(rig(1).transport.restore(&wrong).is_err());
     }
 
     #[test]

@@ -117,6 +117,13 @@ impl Interrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
+    /// Sets the pending bits and config generation from a snapshot.
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+    }
+
     /// The eventfd to register as an irqfd.
     pub fn eventfd(&self) -> &EventFd {
         self.trigger.eventfd()
@@ -174,6 +181,15 @@ pub trait VirtioDevice: Send {
 
     /// Whether [`activate`](Self::activate) succeeded and no reset followed.
     fn is_activated(&self) -> bool;
+
+    /// The device's queues as it runs them (ring addresses and its own
+    /// next_avail/next_used), for snapshots; empty while not activated.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+
+    /// Called after a restore re-activated the device: its backend's state
+    /// (e.g. vsock connections) did not survive, and the device tells the
+    /// guest as its spec requires.
+    fn restored(&mut self) {}
 
     /// Stops the device and forgets its queues and guest memory, as the
     /// driver asked by writing 0 to the status register.

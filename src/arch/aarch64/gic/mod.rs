@@ -1,9 +1,18 @@
-//! The in-kernel vGICv3: created, placed per the layout, and initialised.
+//! The in-kernel vGICv3: created, placed per the layout, initialised, and
+//! saved and restored register group by register group.
+
+mod dist_regs;
+mod icc_regs;
+mod redist_regs;
+mod regs;
+
+pub use crate::arch::aarch64::state::{GicState, GicVcpuState};
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
     KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
-    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    KVM_DEV_ARM_VGIC_GRP_NR_IRQS, KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES, KVM_VGIC_V3_ADDR_TYPE_DIST,
+    KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use kvm_ioctls::{DeviceFd, VmFd};
 
@@ -60,6 +69,48 @@ impl Gic {
             KVM_DEV_ARM_VGIC_CTRL_INIT.into(),
             0u64,
         )
+    }
+
+    /// Saves the vGIC. `mpidrs` are the vCPUs' MPIDR_EL1 values, in vCPU
+    /// order. vCPUs must not run meanwhile.
+    pub fn save(&self, mpidrs: &[u64]) -> Result<GicState, ArchError> {
+        // Flushes pending LPI state into the guest's pending tables (guest
+        // RAM), so the memory snapshot holds it. Without LPIs it changes
+        // nothing.
+        self.set(
+            "SAVE_PENDING_TABLES",
+            KVM_DEV_ARM_VGIC_GRP_CTRL,
+            KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES.into(),
+            0u64,
+        )?;
+        let dist = dist_regs::save(&self.fd)?;
+        let vcpus = mpidrs
+            .iter()
+            .map(|&mpidr| {
+                Ok(GicVcpuState {
+                    redist: redist_regs::save(&self.fd, mpidr)?,
+                    icc: icc_regs::save(&self.fd, mpidr)?,
+                })
+            })
+            .collect::<Result<_, ArchError>>()?;
+        Ok(GicState { dist, vcpus })
+    }
+
+    /// Restores a saved vGIC onto this (finalized) one.
+    pub fn restore(&self, mpidrs: &[u64], state: &GicState) -> Result<(), ArchError> {
+        if state.vcpus.len() != mpidrs.len() {
+            return Err(ArchError::GicState(format!(
+                "the saved GIC has {} vCPUs, the VM {}",
+                state.vcpus.len(),
+                mpidrs.len()
+            )));
+        }
+        dist_regs::restore(&self.fd, &state.dist)?;
+        for (&mpidr, vcpu) in mpidrs.iter().zip(&state.vcpus) {
+            redist_regs::restore(&self.fd, mpidr, &vcpu.redist)?;
+            icc_regs::restore(&self.fd, mpidr, &vcpu.icc)?;
+        }
+        Ok(())
     }
 
     /// Sets a vGIC attribute whose value KVM reads through `addr` (a `u32`

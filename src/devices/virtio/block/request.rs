@@ -217,7 +217,7 @@ fn parse_header(h: [u8; HEADER_LEN]) -> (u32, u32, u64) {
 /// The disk offset of a data transfer of `len` bytes at `sector`, if it is
 /// a whole, non-zero number of sectors inside the disk.
 fn data_range(disk: &Disk, sector: u64, len: u64) -> Option<u64> {
-    if len == 0 || len % SECTOR_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
         return None;
     }
     disk.range(sector, len)

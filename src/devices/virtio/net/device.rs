@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::TapWatch;
@@ -483,6 +483,13 @@ impl VirtioDevice for Net {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state()])
+            .unwrap_or_default()
     }
 
     fn reset(&mut self) {

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, NextRx};
@@ -494,6 +494,21 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn restored(&mut self) {
+        // The host side of every connection is gone: tell the guest, as the
+        // spec asks after a migration or restore.
+        if let Err(e) = self.send_transport_reset() {
+            log::warn!("vsock: could not send the transport reset after a restore: {e}");
+        }
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(Queue::state).collect())
+            .unwrap_or_default()
     }
 
     fn reset(&mut self) {

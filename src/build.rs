@@ -1,0 +1,280 @@
+//! The phases that turn plain configuration into a live VM, shared by
+//! [`MicroVmBuilder::build`](crate::MicroVmBuilder::build) and
+//! [`MicroVm::restore`](crate::MicroVm::restore):
+//!
+//! KVM → VM → memory → vCPUs → vGIC → devices → (boot source and registers,
+//! or saved state) → event loop. The VM comes out paused.
+
+use kvm_ioctls::Kvm;
+
+use crate::arch::aarch64::layout;
+use crate::builder::ConfigError;
+use crate::Error;
+#[cfg(not(target_arch = "aarch64"))]
+use crate::{builder::MicroVmBuilder, vm, MicroVm};
+
+/// Checks a vCPU count against KVM's limit and the memory map's.
+pub(crate) fn check_vcpu_limit(kvm: &Kvm, requested: u32) -> Result<(), Error> {
+    let kvm_max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+    let max = kvm_max.min(layout::MAX_VCPUS);
+    if requested > max {
+        return Err(ConfigError::TooManyVcpus { requested, max }.into());
+    }
+    Ok(())
+}
+
+/// Builds a VM from a validated configuration.
+#[cfg(not(target_arch = "aarch64"))]
+pub(crate) fn build(config: MicroVmBuilder) -> Result<MicroVm, Error> {
+    let kvm = vm::open_kvm(&config.kvm_device)?;
+    check_vcpu_limit(&kvm, config.vcpus)?;
+    Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) use aarch64::*;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64 {
+    use std::io;
+    use std::sync::Arc;
+
+    use kvm_ioctls::{Kvm, VmFd};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::check_vcpu_limit;
+    use crate::arch::aarch64::fdt::{create_fdt, FdtConfig};
+    use crate::arch::aarch64::gic::Gic;
+    use crate::arch::aarch64::{boot, layout, regs, ArchError};
+    use crate::builder::{ConfigError, MicroVmBuilder, VirtioConfig};
+    use crate::device_manager::{DeviceError, DeviceManager};
+    use crate::devices::serial::{self, SerialInput};
+    use crate::devices::virtio::block::Block;
+    use crate::devices::virtio::net::Net;
+    use crate::devices::virtio::vsock::Vsock;
+    use crate::memory::{self, GuestMemoryMmap};
+    use crate::microvm::RunState;
+    use crate::snapshot::{SavedConfig, SavedDevice};
+    use crate::vcpu::{Vcpu, VcpuError};
+    use crate::{vm, Error, MicroVm};
+
+    /// The VM, its memory, vCPUs and vGIC: what build and restore share
+    /// before devices differ.
+    pub(crate) struct Core {
+        pub vm: VmFd,
+        pub memory: GuestMemoryMmap,
+        pub vcpus: Vec<Vcpu>,
+        pub gic: Gic,
+    }
+
+    /// Opens KVM, creates the VM, registers `memory`, creates and
+    /// initialises `vcpus` vCPUs and the vGIC.
+    pub(crate) fn create_core(
+        kvm_device: &std::path::Path,
+        memory: GuestMemoryMmap,
+        vcpu_count: u32,
+    ) -> Result<Core, Error> {
+        let kvm = vm::open_kvm(kvm_device)?;
+        check_vcpu_limit(&kvm, vcpu_count)?;
+        create_core_with(&kvm, memory, vcpu_count)
+    }
+
+    fn create_core_with(
+        kvm: &Kvm,
+        memory: GuestMemoryMmap,
+        vcpu_count: u32,
+    ) -> Result<Core, Error> {
+        let vm = vm::create_vm(kvm)?;
+        vm::register_memory(&vm, &memory)?;
+        let mut vcpus = Vec::with_capacity(vcpu_count as usize);
+        for index in 0..vcpu_count {
+            let fd = vm
+                .create_vcpu(index.into())
+                .map_err(|source| VcpuError::Create { index, source })?;
+            regs::init_vcpu(&vm, &fd, index)?;
+            vcpus.push(Vcpu::new(index, fd));
+        }
+        let gic = Gic::new(&vm)?;
+        gic.finalize()?;
+        Ok(Core {
+            vm,
+            memory,
+            vcpus,
+            gic,
+        })
+    }
+
+    /// Creates and attaches virtio devices in order; returns how a snapshot
+    /// records them.
+    pub(crate) fn attach_virtio_devices(
+        devices: &mut DeviceManager,
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+        configs: Vec<VirtioConfig>,
+    ) -> Result<Vec<SavedDevice>, Error> {
+        let mut saved = Vec::with_capacity(configs.len());
+        for config in configs {
+            match config {
+                VirtioConfig::Block { path, read_only } => {
+                    let block = Block::new(&path, read_only).map_err(DeviceError::from)?;
+                    devices.attach_virtio(vm, memory, block)?;
+                    saved.push(SavedDevice::Block { path, read_only });
+                }
+                VirtioConfig::Net { tap, mac } => {
+                    let net = Net::new(tap, mac).map_err(DeviceError::from)?;
+                    let tap = net.tap_name().to_string();
+                    devices.attach_virtio(vm, memory, net)?;
+                    saved.push(SavedDevice::Net { tap, mac });
+                }
+                VirtioConfig::Vsock { cid, uds_path } => {
+                    let vsock = Vsock::new(cid, &uds_path).map_err(DeviceError::from)?;
+                    devices.attach_virtio(vm, memory, vsock)?;
+                    saved.push(SavedDevice::Vsock { cid, uds_path });
+                }
+            }
+        }
+        Ok(saved)
+    }
+
+    /// Puts the pieces together: starts the device event loop parked and
+    /// the console input thread. The VM comes out paused.
+    pub(crate) fn assemble(
+        core: Core,
+        mut devices: DeviceManager,
+        config: SavedConfig,
+        serial_input: Option<SerialInput>,
+    ) -> Result<MicroVm, Error> {
+        let event_loop = devices.start_event_loop()?;
+        if !event_loop.pause() {
+            return Err(Error::Internal("the device event loop ended at start-up"));
+        }
+        let (serial, _) = devices
+            .serial
+            .ok_or(Error::Internal("the console UART was not attached"))?;
+        // Last: nothing can fail once the console thread runs.
+        if let Some(input) = serial_input {
+            serial::spawn_input_thread(Arc::downgrade(&serial), input).map_err(Error::Host)?;
+        }
+        Ok(MicroVm {
+            run: RunState::Paused,
+            event_loop,
+            vcpus: core.vcpus,
+            gic: core.gic,
+            bus: Arc::new(devices.bus),
+            serial,
+            rtc: devices.rtc.map(|(rtc, _)| rtc),
+            transports: devices.transports,
+            config,
+            _vm: core.vm,
+            memory: core.memory,
+        })
+    }
+
+    /// The build recipe for a new VM.
+    pub(crate) fn build(mut config: MicroVmBuilder) -> Result<MicroVm, Error> {
+        let memory = memory::create(config.memory_size)?;
+        let core = create_core(&config.kvm_device, memory, config.vcpus)?;
+
+        let mut devices = DeviceManager::new();
+        let output = config
+            .serial_output
+            .take()
+            .unwrap_or_else(|| Box::new(io::sink()));
+        devices.attach_serial(&core.vm, output, None)?;
+        if config.rtc {
+            devices.attach_rtc(None)?;
+        }
+        let saved_devices = attach_virtio_devices(
+            &mut devices,
+            &core.vm,
+            &core.memory,
+            std::mem::take(&mut config.virtio),
+        )?;
+
+        let (entry, x0) = load_boot_source(&core, &devices, &config)?;
+        regs::set_boot_registers(core.vcpus[0].fd(), 0, entry.0, x0)?;
+
+        let saved = SavedConfig {
+            memory_size: config.memory_size,
+            vcpus: config.vcpus,
+            rtc: config.rtc,
+            devices: saved_devices,
+        };
+        let input = config.serial_input.take();
+        assemble(core, devices, saved, input)
+    }
+
+    /// Loads the kernel, initrd and device tree, or the raw payload.
+    /// Returns the entry point and the value for x0.
+    fn load_boot_source(
+        core: &Core,
+        devices: &DeviceManager,
+        config: &MicroVmBuilder,
+    ) -> Result<(GuestAddress, u64), Error> {
+        let memory = &core.memory;
+        if let Some(payload) = &config.payload {
+            memory
+                .write_slice(&payload.bytes, payload.addr)
+                .map_err(|_| ConfigError::PayloadOutsideMemory {
+                    addr: payload.addr.0,
+                    len: payload.bytes.len() as u64,
+                    ram_start: layout::DRAM_START.0,
+                    ram_end: memory::end(memory).0,
+                })?;
+            return Ok((payload.addr, 0));
+        }
+        let kernel = config.kernel.as_deref().ok_or(ConfigError::NoBootSource)?;
+        let ram = (layout::DRAM_START, config.memory_size);
+        let loaded =
+            boot::load(memory, ram, kernel, config.initrd.as_deref()).map_err(ArchError::from)?;
+
+        let vcpu_mpidrs = core
+            .vcpus
+            .iter()
+            .map(|v| regs::mpidr(v.fd(), v.index()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rng_seed = [0u8; 64];
+        host_random(&mut rng_seed).map_err(Error::Host)?;
+        let mut kaslr_seed = [0u8; 8];
+        host_random(&mut kaslr_seed).map_err(Error::Host)?;
+        let fdt = create_fdt(&FdtConfig {
+            vcpu_mpidrs,
+            memory: ram,
+            cmdline: config.kernel_cmdline()?,
+            initrd: loaded.initrd,
+            serial: devices
+                .serial
+                .as_ref()
+                .map(|(_, info)| *info)
+                .ok_or(Error::Internal("the console UART was not attached"))?,
+            rtc: devices.rtc.as_ref().map(|(_, info)| *info),
+            virtio: devices.virtio.clone(),
+            rng_seed,
+            kaslr_seed: u64::from_le_bytes(kaslr_seed),
+        })
+        .map_err(ArchError::from)?;
+        boot::write_fdt(memory, loaded.fdt, &fdt).map_err(ArchError::from)?;
+        Ok((loaded.entry, loaded.fdt.0))
+    }
+
+    /// Fills `buf` from the host's RNG.
+    fn host_random(buf: &mut [u8]) -> io::Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let rest = &mut buf[filled..];
+            // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes;
+            // getrandom writes at most that many bytes into it.
+            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+            match usize::try_from(n) {
+                Ok(n) => filled += n,
+                Err(_) => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

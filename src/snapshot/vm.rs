@@ -1,0 +1,402 @@
+//! Snapshotting a paused [`MicroVm`] and restoring one: the snapshot module
+//! assembles each part's own saved state and rebuilds the VM through the
+//! same phases as [`MicroVmBuilder::build`](crate::MicroVmBuilder::build).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{SnapshotError, VmState};
+use crate::builder::DEFAULT_KVM_DEVICE;
+use crate::devices::serial::{SerialInput, SerialOutput};
+use crate::devices::virtio::net::TapConfig;
+use crate::{Error, MicroVm};
+
+/// What a snapshot wrote, and how long each part took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Bytes in the state file.
+    pub state_bytes: u64,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+    /// Time to save vCPU, vGIC and device state.
+    pub save_state: Duration,
+    /// Time to write and fsync the files.
+    pub write_files: Duration,
+}
+
+impl MicroVm {
+    /// Writes a full snapshot of this paused VM to the directory `dir`
+    /// (created, or replaced atomically if it exists): every vCPU's
+    /// registers and power state, the vGICv3, every device, and all of
+    /// guest memory. The VM stays paused and can be resumed.
+    pub fn snapshot(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
+        if !matches!(self.state(), crate::VmState::Paused) {
+            return Err(SnapshotError::NotPaused.into());
+        }
+        let start = std::time::Instant::now();
+        let state = self.save_state()?;
+        let bytes = super::format::encode(&state)?;
+        let saved = start.elapsed();
+
+        let memory = &self.memory;
+        let size = self.config.memory_size;
+        super::write_dir(dir.as_ref(), &bytes, |file| {
+            write_memory(memory, size, file)
+        })?;
+        Ok(SnapshotInfo {
+            state_bytes: bytes.len() as u64,
+            memory_bytes: size,
+            save_state: saved,
+            write_files: start.elapsed() - saved,
+        })
+    }
+
+    /// Starts restoring the snapshot in `dir`; see [`Restore`].
+    pub fn restore(dir: impl Into<PathBuf>) -> Restore {
+        Restore {
+            dir: dir.into(),
+            serial_output: None,
+            serial_input: None,
+            block_paths: Vec::new(),
+            taps: Vec::new(),
+            vsock_uds: None,
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            resume: false,
+        }
+    }
+}
+
+/// Copies guest RAM into the memory file.
+fn write_memory(
+    memory: &crate::memory::GuestMemoryMmap,
+    size: u64,
+    file: &mut std::fs::File,
+) -> std::io::Result<()> {
+    use vm_memory::Bytes;
+    let len = usize::try_from(size).map_err(std::io::Error::other)?;
+    memory
+        .write_all_volatile_to(crate::DRAM_START, file, len)
+        .map_err(std::io::Error::other)
+}
+
+/// How to restore a snapshot: in the same or a fresh process, as is or as
+/// a clone with its own host resources. Made by [`MicroVm::restore`].
+///
+/// ```no_run
+/// # fn main() -> Result<(), dormouse::Error> {
+/// let mut vm = dormouse::MicroVm::restore("/snapshots/session-42")
+///     .serial_output(std::io::stdout())
+///     .block_path(0, "/disks/session-42-copy.ext4")
+///     .vsock_uds("/run/session-42.vsock")
+///     .resume(true)
+///     .build()?;
+/// # vm.pause()?; Ok(()) }
+/// ```
+pub struct Restore {
+    dir: PathBuf,
+    serial_output: Option<SerialOutput>,
+    serial_input: Option<SerialInput>,
+    block_paths: Vec<(usize, PathBuf)>,
+    taps: Vec<(usize, TapConfig)>,
+    vsock_uds: Option<PathBuf>,
+    kvm_device: PathBuf,
+    resume: bool,
+}
+
+impl std::fmt::Debug for Restore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restore")
+            .field("dir", &self.dir)
+            .field("block_paths", &self.block_paths)
+            .field("taps", &self.taps)
+            .field("vsock_uds", &self.vsock_uds)
+            .field("resume", &self.resume)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Restore {
+    /// Where the restored guest's console output goes (default: discarded).
+    pub fn serial_output(mut self, sink: impl Write + Send + 'static) -> Self {
+        self.serial_output = Some(Box::new(sink));
+        self
+    }
+
+    /// Where the restored guest's console input comes from.
+    pub fn serial_input(mut self, source: impl Read + Send + 'static) -> Self {
+        self.serial_input = Some(Box::new(source));
+        self
+    }
+
+    /// Backs the `index`-th virtio-blk disk (in attach order) with another
+    /// file, e.g. a clone's own copy. The file must hold the same disk
+    /// contents as when the snapshot was taken.
+    pub fn block_path(mut self, index: usize, path: impl Into<PathBuf>) -> Self {
+        self.block_paths.push((index, path.into()));
+        self
+    }
+
+    /// Attaches the `index`-th virtio-net interface to another TAP.
+    pub fn tap(mut self, index: usize, tap: TapConfig) -> Self {
+        self.taps.push((index, tap));
+        self
+    }
+
+    /// Puts the vsock device's host side on another Unix socket (a clone's
+    /// own; each running VM needs its own).
+    pub fn vsock_uds(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vsock_uds = Some(path.into());
+        self
+    }
+
+    /// The KVM device node to open (default `/dev/kvm`).
+    pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kvm_device = path.into();
+        self
+    }
+
+    /// Whether the VM runs when [`build`](Self::build) returns (default:
+    /// it is paused).
+    pub fn resume(mut self, running: bool) -> Self {
+        self.resume = running;
+        self
+    }
+
+    /// Reads and checks the snapshot, then rebuilds the VM from it. Every
+    /// check on the files comes before any KVM resource exists.
+    pub fn build(self) -> Result<MicroVm, Error> {
+        let state = super::read_state(&self.dir)?;
+        self.check_overrides(&state)?;
+        let (memory_file, _) = super::open_memory(&self.dir, &state)?;
+        restore_vm(self, state, memory_file)
+    }
+
+    fn check_overrides(&self, state: &VmState) -> Result<(), SnapshotError> {
+        use super::SavedDevice;
+        let count =
+            |f: fn(&SavedDevice) -> bool| state.config.devices.iter().filter(|d| f(d)).count();
+        let blocks = count(|d| matches!(d, SavedDevice::Block { .. }));
+        let nets = count(|d| matches!(d, SavedDevice::Net { .. }));
+        if let Some((i, _)) = self.block_paths.iter().find(|(i, _)| *i >= blocks) {
+            return Err(SnapshotError::Inconsistent(format!(
+                "block_path({i}) but the snapshot has {blocks} disks"
+            )));
+        }
+        if let Some((i, _)) = self.taps.iter().find(|(i, _)| *i >= nets) {
+            return Err(SnapshotError::Inconsistent(format!(
+                "tap({i}) but the snapshot has {nets} network interfaces"
+            )));
+        }
+        if self.vsock_uds.is_some() && count(|d| matches!(d, SavedDevice::Vsock { .. })) == 0 {
+            return Err(SnapshotError::Inconsistent(
+                "vsock_uds() but the snapshot has no vsock device".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn restore_vm(
+    _restore: Restore,
+    _state: VmState,
+    _memory: std::fs::File,
+) -> Result<MicroVm, Error> {
+    Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+impl MicroVm {
+    fn save_state(&self) -> Result<VmState, Error> {
+        Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+use aarch64::restore_vm;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64 {
+    use std::sync::Mutex;
+
+    use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+    use super::super::{MemoryRegionState, SavedDevice, SnapshotError, VmState};
+    use super::Restore;
+    use crate::arch::aarch64::layout::{DRAM_START, PAGE_SIZE};
+    use crate::arch::aarch64::{regs, ArchError};
+    use crate::build::{assemble, attach_virtio_devices, create_core};
+    use crate::builder::VirtioConfig;
+    use crate::device_manager::{DeviceError, DeviceManager};
+    use crate::memory::GuestMemoryMmap;
+    use crate::snapshot::SavedConfig;
+    use crate::{Error, MicroVm};
+
+    fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    impl MicroVm {
+        /// Saves every part's state. The VM must be paused.
+        pub(super) fn save_state(&self) -> Result<VmState, Error> {
+            let vcpus = self
+                .vcpus
+                .iter()
+                .map(|v| regs::save_vcpu(v.fd(), v.index()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mpidrs: Vec<u64> = vcpus.iter().map(|v| v.mpidr).collect();
+            // Hold the UART while the vGIC is saved: the console input thread
+            // cannot then queue a byte (and its interrupt) in between.
+            let serial = lock(&self.serial);
+            let gic = self.gic.save(&mpidrs)?;
+            let serial_state = serial.save();
+            drop(serial);
+            Ok(VmState {
+                config: self.config.clone(),
+                memory: vec![MemoryRegionState {
+                    guest_addr: DRAM_START.0,
+                    size: self.config.memory_size,
+                    file_offset: 0,
+                }],
+                vcpus,
+                gic,
+                serial: serial_state,
+                rtc: self.rtc.as_ref().map(|r| lock(r).save()),
+                virtio: self.transports.iter().map(|t| lock(t).save()).collect(),
+            })
+        }
+    }
+
+    /// Maps the memory file privately as guest RAM: no copy, pages come in
+    /// from the file on first touch, guest writes stay in this process.
+    fn map_memory(
+        file: &std::fs::File,
+        regions: &[MemoryRegionState],
+    ) -> Result<GuestMemoryMmap, Error> {
+        let bad = |m: String| Error::Snapshot(SnapshotError::Inconsistent(m));
+        let mut mapped = Vec::with_capacity(regions.len());
+        for r in regions {
+            if r.guest_addr != DRAM_START.0
+                || r.size % PAGE_SIZE != 0
+                || r.file_offset % PAGE_SIZE != 0
+            {
+                return Err(bad(format!(
+                    "memory region at {:#x} of {:#x} bytes (file offset {:#x}) does not fit this \
+                     VM's layout",
+                    r.guest_addr, r.size, r.file_offset
+                )));
+            }
+            crate::memory::validate_size(r.size)?;
+            let size =
+                usize::try_from(r.size).map_err(|_| bad("memory region too large".into()))?;
+            let fd = file
+                .try_clone()
+                .map_err(|e| bad(format!("duplicating the memory file: {e}")))?;
+            // The same dirty bitmap a freshly built VM's memory has.
+            let bitmap = AtomicBitmap::with_len(size);
+            let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+                .with_file_offset(FileOffset::new(fd, r.file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| bad(format!("mapping the memory file: {e}")))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+                .ok_or_else(|| bad("memory region wraps the address space".into()))?;
+            mapped.push(region);
+        }
+        GuestMemoryMmap::from_regions(mapped).map_err(|e| bad(format!("memory regions: {e}")))
+    }
+
+    /// Applies the restore's overrides to the saved device list.
+    fn device_configs(
+        restore: &mut Restore,
+        saved: &[SavedDevice],
+    ) -> Result<Vec<VirtioConfig>, Error> {
+        let (mut block, mut net) = (0, 0);
+        let mut configs = Vec::with_capacity(saved.len());
+        for device in saved {
+            configs.push(match device {
+                SavedDevice::Block { path, read_only } => {
+                    let path = restore
+                        .block_paths
+                        .iter()
+                        .rev()
+                        .find(|(i, _)| *i == block)
+                        .map_or_else(|| path.clone(), |(_, p)| p.clone());
+                    block += 1;
+                    VirtioConfig::Block {
+                        path,
+                        read_only: *read_only,
+                    }
+                }
+                SavedDevice::Net { tap, mac } => {
+                    let position = restore.taps.iter().rposition(|(i, _)| *i == net);
+                    let tap = match position {
+                        Some(p) => restore.taps.remove(p).1,
+                        None => crate::devices::virtio::net::TapConfig::Name(tap.clone()),
+                    };
+                    net += 1;
+                    VirtioConfig::Net { tap, mac: *mac }
+                }
+                SavedDevice::Vsock { cid, uds_path } => VirtioConfig::Vsock {
+                    cid: *cid,
+                    uds_path: restore
+                        .vsock_uds
+                        .clone()
+                        .unwrap_or_else(|| uds_path.clone()),
+                },
+            });
+        }
+        Ok(configs)
+    }
+
+    /// The restore recipe: the build phases, with saved state in place of
+    /// the boot source.
+    pub(super) fn restore_vm(
+        mut restore: Restore,
+        state: VmState,
+        file: std::fs::File,
+    ) -> Result<MicroVm, Error> {
+        let memory = map_memory(&file, &state.memory)?;
+        let core = create_core(&restore.kvm_device, memory, state.config.vcpus)?;
+
+        let mut devices = DeviceManager::new();
+        let output = restore
+            .serial_output
+            .take()
+            .unwrap_or_else(|| Box::new(std::io::sink()));
+        devices.attach_serial(&core.vm, output, Some(&state.serial))?;
+        if let Some(rtc) = &state.rtc {
+            devices.attach_rtc(Some(rtc))?;
+        }
+        let configs = device_configs(&mut restore, &state.config.devices)?;
+        let saved_devices = attach_virtio_devices(&mut devices, &core.vm, &core.memory, configs)?;
+        for (transport, saved) in devices.transports.iter().zip(&state.virtio) {
+            lock(transport).restore(saved).map_err(DeviceError::from)?;
+        }
+
+        for (vcpu, saved) in core.vcpus.iter().zip(&state.vcpus) {
+            regs::restore_vcpu(vcpu.fd(), vcpu.index(), saved)?;
+        }
+        let mpidrs = core
+            .vcpus
+            .iter()
+            .map(|v| regs::mpidr(v.fd(), v.index()))
+            .collect::<Result<Vec<_>, ArchError>>()?;
+        core.gic.restore(&mpidrs, &state.gic)?;
+
+        let config = SavedConfig {
+            devices: saved_devices,
+            ..state.config
+        };
+        let input = restore.serial_input.take();
+        let mut vm = assemble(core, devices, config, input)?;
+        if restore.resume {
+            vm.start()?;
+        }
+        Ok(vm)
+    }
+}
