@@ -31,6 +31,7 @@ mod marker;
 const INIT: &str = r#"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /tmp
 echo "@@init: hello from the guest's init"
 echo "kernel:  $(uname -sr)"
@@ -43,7 +44,7 @@ echo "session: process $CPID counts in /tmp/counter"
 echo "@@ready"
 while read cmd; do
   case "$cmd" in
-    report) echo "guest:   uptime $(cut -d' ' -f1 /proc/uptime) s, process $CPID alive: $(kill -0 $CPID && echo yes), counter $(cat /tmp/counter)";;
+    report) echo "@@report: uptime $(cut -d' ' -f1 /proc/uptime) s, process $CPID alive: $(kill -0 $CPID && echo yes), counter $(cat /tmp/counter)";;
     off) poweroff -f;;
   esac
 done
@@ -110,16 +111,22 @@ fn ms(d: Duration) -> String {
     format!("{:9.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Waits until the guest printed `what` (at most 10 minutes).
-fn wait_for(console: &marker::MarkerClock, what: &str) -> Result<(), String> {
+/// Waits until the guest printed a whole line starting with `what` (at
+/// most 10 minutes) and returns the rest of it.
+fn wait_for(console: &marker::MarkerClock, what: &str) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !console.text().contains(what) {
+    loop {
+        let text = console.text();
+        let mut lines: Vec<&str> = text.split('\n').collect();
+        lines.pop(); // not finished yet
+        if let Some(rest) = lines.iter().find_map(|l| l.trim_end().strip_prefix(what)) {
+            return Ok(rest.trim().to_string());
+        }
         if Instant::now() > deadline {
             return Err(format!("the guest never printed {what:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -148,7 +155,11 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
         builder.serial_input(guest_input)
     };
 
-    println!("dormouse demo: booting {} on {} vCPUs", args.kernel.display(), args.vcpus);
+    println!(
+        "dormouse demo: booting {} on {} vCPUs",
+        args.kernel.display(),
+        args.vcpus
+    );
     let start = Instant::now();
     let mut vm = builder.build()?;
     let built = start.elapsed();
@@ -161,7 +172,7 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
     wait_for(&console, "@@ready")?;
     let boot = console.seen().map(|t| t - start);
     writeln!(input, "report")?;
-    wait_for(&console, "counter")?;
+    let before = wait_for(&console, "@@report:")?;
 
     // Suspend: pause, snapshot to disk, and let the VM go.
     let snap = work.join("snapshot");
@@ -184,7 +195,7 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let restored = t.elapsed();
     println!("--- resumed from the snapshot ---");
     writeln!(input, "report")?;
-    wait_for(&console2, "counter")?;
+    let after = wait_for(&console2, "@@report:")?;
     writeln!(input, "off")?;
     let exit = vm.wait()?;
 
@@ -202,6 +213,8 @@ fn demo() -> Result<(), Box<dyn std::error::Error>> {
         info.state_bytes >> 10
     );
     println!("restore until running:     {}", ms(restored));
+    println!("guest before suspend:      {before}");
+    println!("guest after resume:        {after}");
     println!("(times under emulation are 10-100x those on arm64 hardware)");
     let _ = std::fs::remove_dir_all(&work);
     Ok(())

@@ -28,6 +28,9 @@
 //! - [`MicroVm`]: the VM, its vCPU threads ([`vcpu`]), guest memory
 //!   ([`memory`]), the MMIO bus ([`bus`]) and devices ([`devices`]).
 //! - [`arch::aarch64`]: the memory map, vCPU registers and the vGICv3.
+//! - [`MicroVm::pause`], [`MicroVm::snapshot`], [`MicroVm::restore`]:
+//!   suspend a session to a snapshot directory and resume it, in this or
+//!   another process ([`snapshot`], docs/snapshot-format.md).
 //!
 //! dormouse runs aarch64 guests on aarch64 Linux hosts with KVM and a GICv3.
 //! The crate compiles on other hosts (so that its arch-neutral parts can be
