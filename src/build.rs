@@ -67,25 +67,30 @@ mod aarch64 {
         pub gic: Gic,
     }
 
-    /// Opens KVM, creates the VM, registers `memory`, creates and
-    /// initialises `vcpus` vCPUs and the vGIC.
+    /// Opens KVM, creates the VM (with dirty logging if asked), registers
+    /// `memory`, creates and initialises `vcpus` vCPUs and the vGIC.
     pub(crate) fn create_core(
         kvm_device: &std::path::Path,
         memory: GuestMemoryMmap,
         vcpu_count: u32,
+        dirty_tracking: bool,
     ) -> Result<Core, Error> {
         let kvm = vm::open_kvm(kvm_device)?;
         check_vcpu_limit(&kvm, vcpu_count)?;
-        create_core_with(&kvm, memory, vcpu_count)
+        create_core_with(&kvm, memory, vcpu_count, dirty_tracking)
     }
 
     fn create_core_with(
         kvm: &Kvm,
         memory: GuestMemoryMmap,
         vcpu_count: u32,
+        dirty_tracking: bool,
     ) -> Result<Core, Error> {
         let vm = vm::create_vm(kvm)?;
-        vm::register_memory(&vm, &memory)?;
+        if dirty_tracking {
+            crate::dirty::enable(&vm)?;
+        }
+        vm::register_memory(&vm, &memory, dirty_tracking)?;
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
         for index in 0..vcpu_count {
             let fd = vm
@@ -156,6 +161,7 @@ mod aarch64 {
             serial::spawn_input_thread(Arc::downgrade(&serial), input).map_err(Error::Host)?;
         }
         Ok(MicroVm {
+            snapshot_id: None,
             run: RunState::Paused,
             event_loop,
             vcpus: core.vcpus,
@@ -173,7 +179,12 @@ mod aarch64 {
     /// The build recipe for a new VM.
     pub(crate) fn build(mut config: MicroVmBuilder) -> Result<MicroVm, Error> {
         let memory = memory::create(config.memory_size)?;
-        let core = create_core(&config.kvm_device, memory, config.vcpus)?;
+        let core = create_core(
+            &config.kvm_device,
+            memory,
+            config.vcpus,
+            config.dirty_tracking,
+        )?;
 
         let mut devices = DeviceManager::new();
         let output = config
@@ -198,6 +209,7 @@ mod aarch64 {
             memory_size: config.memory_size,
             vcpus: config.vcpus,
             rtc: config.rtc,
+            dirty_tracking: config.dirty_tracking,
             devices: saved_devices,
         };
         let input = config.serial_input.take();
@@ -234,9 +246,9 @@ mod aarch64 {
             .map(|v| regs::mpidr(v.fd(), v.index()))
             .collect::<Result<Vec<_>, _>>()?;
         let mut rng_seed = [0u8; 64];
-        host_random(&mut rng_seed).map_err(Error::Host)?;
+        vm::host_random(&mut rng_seed).map_err(Error::Host)?;
         let mut kaslr_seed = [0u8; 8];
-        host_random(&mut kaslr_seed).map_err(Error::Host)?;
+        vm::host_random(&mut kaslr_seed).map_err(Error::Host)?;
         let fdt = create_fdt(&FdtConfig {
             vcpu_mpidrs,
             memory: ram,
@@ -255,26 +267,5 @@ mod aarch64 {
         .map_err(ArchError::from)?;
         boot::write_fdt(memory, loaded.fdt, &fdt).map_err(ArchError::from)?;
         Ok((loaded.entry, loaded.fdt.0))
-    }
-
-    /// Fills `buf` from the host's RNG.
-    fn host_random(buf: &mut [u8]) -> io::Result<()> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let rest = &mut buf[filled..];
-            // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes;
-            // getrandom writes at most that many bytes into it.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            match usize::try_from(n) {
-                Ok(n) => filled += n,
-                Err(_) => {
-                    let err = io::Error::last_os_error();
-                    if err.kind() != io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }

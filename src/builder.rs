@@ -125,6 +125,7 @@ pub struct MicroVmBuilder {
     pub(crate) initrd: Option<PathBuf>,
     pub(crate) cmdline: Option<String>,
     pub(crate) rtc: bool,
+    pub(crate) dirty_tracking: bool,
     pub(crate) virtio: Vec<VirtioConfig>,
     pub(crate) kvm_device: PathBuf,
 }
@@ -156,6 +157,7 @@ impl Default for MicroVmBuilder {
             initrd: None,
             cmdline: None,
             rtc: true,
+            dirty_tracking: false,
             virtio: Vec::new(),
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
         }
@@ -223,6 +225,15 @@ impl MicroVmBuilder {
     /// Whether the VM has a PL031 real-time clock (default: yes).
     pub fn rtc(mut self, enabled: bool) -> Self {
         self.rtc = enabled;
+        self
+    }
+
+    /// Tracks which guest pages change (KVM's dirty log OR'ed with the
+    /// VMM's own writes), so that [`MicroVm::snapshot_diff`] writes only
+    /// those. Off by default; the cost is the kernel's write-protection
+    /// faults on the first write to each page after a snapshot.
+    pub fn dirty_tracking(mut self, enabled: bool) -> Self {
+        self.dirty_tracking = enabled;
         self
     }
 

@@ -48,6 +48,7 @@ pub mod builder;
 pub mod bus;
 pub mod device_manager;
 pub mod devices;
+pub mod dirty;
 pub mod event_loop;
 pub mod memory;
 mod microvm;
@@ -103,6 +104,9 @@ pub enum Error {
     /// A vCPU failed earlier; the VM cannot run again.
     #[error("the VM failed earlier and cannot run again; build or restore a new one")]
     VmFailed,
+    /// Dirty-page tracking failed.
+    #[error(transparent)]
+    Dirty(#[from] dirty::DirtyError),
     /// Taking or restoring a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),

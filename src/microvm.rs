@@ -55,6 +55,9 @@ pub(crate) enum RunState {
 // Only aarch64 hosts build VMs; elsewhere some parts are never read.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 pub struct MicroVm {
+    /// The snapshot this VM's memory was last written to or restored from:
+    /// what a diff snapshot is relative to.
+    pub(crate) snapshot_id: Option<crate::snapshot::SnapshotId>,
     pub(crate) run: RunState,
     pub(crate) event_loop: EventLoop,
     pub(crate) vcpus: Vec<Vcpu>,

@@ -119,13 +119,22 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     }
 }
 
-/// Registers every region of `memory` with `vm`, one slot each, from slot 0.
-pub fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+/// Registers every region of `memory` with `vm`, one slot each, from slot 0,
+/// with KVM's dirty log on when `log_dirty` is set.
+pub fn register_memory(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), VmError> {
     for (index, region) in memory.iter().enumerate() {
         let slot = u32::try_from(index).map_err(|_| VmError::TooManyRegions)?;
         let mem_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
@@ -137,6 +146,27 @@ pub fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), VmErro
         // page tables, so no memory outside this process could be touched.
         unsafe { vm.set_user_memory_region(mem_region) }
             .map_err(|source| VmError::SetMemoryRegion { slot, source })?;
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the host's RNG (getrandom(2)).
+pub(crate) fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes;
+        // getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -126,3 +126,87 @@ fn restoring_twice_gives_two_independent_vms() {
     a.pause().unwrap();
     b.pause().unwrap();
 }
+
+#[test]
+fn diffs_need_tracking_and_a_base() {
+    let tmp = TempDir::new("snap-nodiff");
+    let mut vm = counting_vm(1);
+    assert!(matches!(
+        vm.snapshot_diff(tmp.0.join("d")),
+        Err(Error::Snapshot(SnapshotError::NoDiffBase(_)))
+    ));
+    let mut vm2 = MicroVm::builder()
+        .dirty_tracking(true)
+        .memory_mib(64)
+        .payload(code(payloads::COUNTER), DRAM_START)
+        .build()
+        .unwrap();
+    // Tracking on, but no snapshot yet to be relative to.
+    assert!(matches!(
+        vm2.snapshot_diff(tmp.0.join("d")),
+        Err(Error::Snapshot(SnapshotError::NoDiffBase(_)))
+    ));
+    drop((vm.pause(), vm2.pause()));
+}
+
+#[test]
+fn a_chain_of_diffs_restores_what_a_full_snapshot_holds() {
+    let tmp = TempDir::new("snap-chain");
+    let (base, d1, d2, full) = (
+        tmp.0.join("base"),
+        tmp.0.join("d1"),
+        tmp.0.join("d2"),
+        tmp.0.join("full"),
+    );
+    let mut vm = MicroVm::builder()
+        .vcpus(2)
+        .memory_mib(64)
+        .dirty_tracking(true)
+        .payload(code(payloads::COUNTER), DRAM_START)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    wait_past(&vm, 2, 1000);
+    vm.pause().unwrap();
+    vm.snapshot(&base).unwrap();
+    let mut floor = 0;
+    for diff in [&d1, &d2] {
+        vm.resume().unwrap();
+        floor = counter(&vm, 0).max(counter(&vm, 1)) + 10_000;
+        wait_past(&vm, 2, floor);
+        vm.pause().unwrap();
+        let info = vm.snapshot_diff(diff).unwrap();
+        // The guest only wrote its two counters (one page): a diff is a
+        // few pages, not 64 MiB.
+        assert!(
+            info.memory_bytes > 0 && info.memory_bytes <= 8 * 4096,
+            "{} bytes in a diff",
+            info.memory_bytes
+        );
+    }
+    // A full snapshot at the same point, to compare with.
+    vm.snapshot(&full).unwrap();
+    let saved = [counter(&vm, 0), counter(&vm, 1)];
+    drop(vm);
+    let full_memory = full.join(dormouse::snapshot::MEMORY_FILE);
+
+    let mut restored = MicroVm::restore_chain([base.clone(), d1.clone(), d2.clone()])
+        .build()
+        .unwrap();
+    common::assert_memory_equals_file(&restored, &full_memory);
+    assert_eq!([counter(&restored, 0), counter(&restored, 1)], saved);
+    restored.resume().unwrap();
+    wait_past(&restored, 2, floor);
+    restored.pause().unwrap();
+
+    let merged = tmp.0.join("merged");
+    dormouse::snapshot::merge(&[base, d1, d2], &merged).unwrap();
+    let merged_memory = std::fs::read(merged.join(dormouse::snapshot::MEMORY_FILE)).unwrap();
+    assert!(
+        merged_memory == std::fs::read(&full_memory).unwrap(),
+        "the merged memory differs from the full snapshot's"
+    );
+    let mut from_merged = MicroVm::restore(&merged).resume(true).build().unwrap();
+    wait_past(&from_merged, 2, floor);
+    from_merged.pause().unwrap();
+}

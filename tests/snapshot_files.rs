@@ -1,13 +1,16 @@
 //! Bad snapshot files: each is a distinct, clear error, found before any
 //! KVM resource exists (so these run on any host).
 
+// Sizes here are small constants; casts between them cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 
 use dormouse::arch::aarch64::state::{GicState, GicVcpuState, IccState, VcpuState};
 use dormouse::devices::serial::SerialSnapshot;
 use dormouse::snapshot::{
-    format, write_dir, MemoryRegionState, SavedConfig, SnapshotError, VmState, MEMORY_FILE,
-    STATE_FILE,
+    format, write_dir, MemoryRegionState, SavedConfig, SnapshotError, SnapshotId, VmState,
+    MEMORY_FILE, STATE_FILE,
 };
 use dormouse::{Error, MicroVm, DRAM_START};
 
@@ -17,10 +20,14 @@ const MEM: u64 = 1 << 20;
 /// empty, so only a restore on real KVM would refuse it).
 fn state() -> VmState {
     VmState {
+        id: SnapshotId([1; 16]),
+        parent: None,
+        diff: None,
         config: SavedConfig {
             memory_size: MEM,
             vcpus: 1,
             rtc: false,
+            dirty_tracking: false,
             devices: Vec::new(),
         },
         memory: vec![MemoryRegionState {
@@ -236,5 +243,119 @@ fn overrides_for_devices_the_snapshot_lacks_are_refused() {
             restore.build(),
             Err(Error::Snapshot(SnapshotError::Inconsistent(_)))
         ));
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// A diff on top of `parent` holding `runs`, each page filled with `fill`.
+fn diff_dir(name: &str, parent: SnapshotId, id: u8, runs: &[(u64, u64)], fill: u8) -> Dir {
+    let mut s = state();
+    s.id = SnapshotId([id; 16]);
+    s.parent = Some(parent);
+    s.diff = Some(vec![runs.to_vec()]);
+    let root = std::env::temp_dir().join(format!("dormouse-badsnap-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let bytes = format::encode(&s).unwrap();
+    let runs = runs.to_vec();
+    write_dir(&root.join("snap"), &bytes, move |f| {
+        use std::os::unix::fs::FileExt;
+        f.set_len(MEM)?;
+        for (first, count) in runs {
+            f.write_all_at(&vec![fill; (count * PAGE) as usize], first * PAGE)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    Dir(root)
+}
+
+#[test]
+fn merging_a_chain_lays_each_diff_over_the_base() {
+    // Base: every page holds its page number.
+    let base = snapshot_dir("merge-base", &state());
+    let base_mem: Vec<u8> = (0..MEM).map(|i| (i / PAGE) as u8).collect();
+    std::fs::write(snap(&base).join(MEMORY_FILE), &base_mem).unwrap();
+    let d1 = diff_dir("merge-d1", state().id, 2, &[(1, 2)], 0xaa);
+    let d2 = diff_dir("merge-d2", SnapshotId([2; 16]), 3, &[(2, 1), (5, 1)], 0xbb);
+    let out = std::env::temp_dir().join(format!("dormouse-merged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let chain = [snap(&base), snap(&d1), snap(&d2)];
+    dormouse::snapshot::merge(&chain, &out).unwrap();
+
+    let merged = std::fs::read(out.join(MEMORY_FILE)).unwrap();
+    let page = |n: u64| &merged[(n * PAGE) as usize..((n + 1) * PAGE) as usize];
+    assert!(page(0).iter().all(|&b| b == 0), "untouched by the diffs");
+    assert!(page(1).iter().all(|&b| b == 0xaa));
+    assert!(page(2).iter().all(|&b| b == 0xbb), "the newest layer wins");
+    assert!(
+        page(3).iter().all(|&b| b == 3),
+        "absent from a diff is unchanged, not zero"
+    );
+    assert!(page(5).iter().all(|&b| b == 0xbb));
+    assert!(page(6).iter().all(|&b| b == 6));
+    assert_eq!(merged.len() as u64, MEM);
+    let state = dormouse::snapshot::read_state(&out).unwrap();
+    assert_eq!(
+        state.id,
+        SnapshotId([3; 16]),
+        "the merge keeps the newest id"
+    );
+    assert!(state.diff.is_none() && state.parent.is_none());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn chains_with_gaps_or_the_wrong_base_are_refused() {
+    let base = snapshot_dir("chain-base", &state());
+    let d1 = diff_dir("chain-d1", state().id, 2, &[(1, 1)], 1);
+    let d2 = diff_dir("chain-d2", SnapshotId([2; 16]), 3, &[(1, 1)], 2);
+    let read = |dirs: &[PathBuf]| dormouse::snapshot::read_chain(dirs).err();
+
+    assert!(matches!(
+        read(&[snap(&d1)]),
+        Some(SnapshotError::ChainBaseNotFull(_))
+    ));
+    assert!(matches!(
+        read(&[snap(&base), snap(&d2)]),
+        Some(SnapshotError::ChainGap { .. })
+    ));
+    assert!(matches!(
+        read(&[snap(&base), snap(&d2), snap(&d1)]),
+        Some(SnapshotError::ChainGap { .. })
+    ));
+    assert!(matches!(
+        read(&[snap(&base), snap(&base)]),
+        Some(SnapshotError::FullInChain(_))
+    ));
+    assert!(read(&[snap(&base), snap(&d1), snap(&d2)]).is_none());
+    // Restore refuses the same chains before touching KVM.
+    assert!(matches!(
+        MicroVm::restore_chain([snap(&base), snap(&d2)]).build(),
+        Err(Error::Snapshot(SnapshotError::ChainGap { .. }))
+    ));
+}
+
+#[test]
+fn diff_runs_out_of_order_or_past_memory_are_refused() {
+    for (name, runs) in [
+        ("runs-past", vec![(MEM / PAGE - 1, 2)]),
+        ("runs-order", vec![(5, 1), (2, 1)]),
+        ("runs-empty", vec![(1, 0)]),
+    ] {
+        let d = diff_dir(name, state().id, 9, &[], 0);
+        let mut s = state();
+        s.id = SnapshotId([9; 16]);
+        s.parent = Some(state().id);
+        s.diff = Some(vec![runs]);
+        std::fs::write(snap(&d).join(STATE_FILE), format::encode(&s).unwrap()).unwrap();
+        assert!(
+            matches!(
+                dormouse::snapshot::read_state(&snap(&d)),
+                Err(SnapshotError::Inconsistent(_))
+            ),
+            "{name}"
+        );
     }
 }

@@ -339,3 +339,85 @@ fn three_clones_run_side_by_side_from_one_snapshot() {
     let origin = std::fs::read(&disk).unwrap();
     assert!(!origin.windows(10).any(|w| w == b"-was-here\n"));
 }
+
+#[test]
+fn diffs_of_a_busy_guest_restore_memory_byte_identical_to_a_full_snapshot() {
+    let tmp = TempDir::new("snap-diffs");
+    let disk = test_disk(&tmp.0, "disk.ext4");
+    let initrd = guest_initrd(
+        &tmp.0,
+        &[modules::VIRTIO_MMIO, modules::BLOCK],
+        &format!("mount -t ext4 -o ro /dev/vda /mnt\n{SESSION}"),
+    );
+    let (mut session, input) = Session::new();
+    let mut vm = MicroVm::builder()
+        .memory_mib(256)
+        .dirty_tracking(true)
+        .kernel(guest_assets().kernel)
+        .initrd(&initrd)
+        .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
+        .block(&disk, true)
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    session.wait_fact("ready", 10 * MINUTE);
+    let base = tmp.0.join("base");
+    vm.pause().unwrap();
+    vm.snapshot(&base).unwrap();
+
+    let mut chain = vec![base];
+    let full = tmp.0.join("full");
+    for round in 1..=3 {
+        vm.resume().unwrap();
+        // Changing patterns into tmpfs (guest writes), and a file read back
+        // from the disk after dropping the page cache: virtio-blk writes
+        // it into guest memory (VMM writes, which KVM's log never sees).
+        session.run(&format!(
+            "dd if=/dev/urandom of=/tmp/work{round} bs=64k count=32 2>/dev/null; \
+             sync; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/hello.txt > /tmp/hello{round}; \
+             echo @@round{round}=$(cat /tmp/hello{round})"
+        ));
+        assert_eq!(
+            session.wait_fact(&format!("round{round}"), MINUTE),
+            "hello from the x86 side"
+        );
+        vm.pause().unwrap();
+        let diff = tmp.0.join(format!("diff{round}"));
+        let info = vm.snapshot_diff(&diff).unwrap();
+        assert!(
+            info.memory_bytes < 64 << 20,
+            "diff {round} wrote {} bytes of 256 MiB",
+            info.memory_bytes
+        );
+        chain.push(diff);
+    }
+    vm.snapshot(&full).unwrap();
+    drop(vm);
+    let full_memory = full.join(dormouse::snapshot::MEMORY_FILE);
+
+    // From the chain: the same memory, and the guest carries on.
+    let (mut session, input) = Session::new();
+    let mut restored = MicroVm::restore_chain(chain.clone())
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    common::assert_memory_equals_file(&restored, &full_memory);
+    restored.resume().unwrap();
+    session.send("report after");
+    let after = parse_report(&session.wait_fact("after", MINUTE));
+    assert!(num(&after, "counter") > 0.0);
+    session.run("echo @@kept=$(cat /tmp/hello3)");
+    assert_eq!(session.wait_fact("kept", MINUTE), "hello from the x86 side");
+    session.send("off");
+    assert_eq!(restored.wait().unwrap(), ExitReason::Shutdown);
+
+    // Merged into one full snapshot: the same memory file.
+    let merged = tmp.0.join("merged");
+    dormouse::snapshot::merge(&chain, &merged).unwrap();
+    let a = std::fs::read(merged.join(dormouse::snapshot::MEMORY_FILE)).unwrap();
+    let b = std::fs::read(&full_memory).unwrap();
+    assert!(a == b, "the merged memory differs from the full snapshot's");
+}

@@ -114,6 +114,54 @@ pub enum SnapshotError {
     /// The state contradicts itself or this host.
     #[error("the snapshot is inconsistent: {0}")]
     Inconsistent(String),
+    /// A diff snapshot needs dirty tracking and a snapshot to be relative to.
+    #[error(
+        "no diff snapshot possible: {0} (build the VM with .dirty_tracking(true) and take a \
+         full snapshot first)"
+    )]
+    NoDiffBase(&'static str),
+    /// A chain must start with a full snapshot.
+    #[error("{0} is a diff snapshot: a chain starts with a full snapshot")]
+    ChainBaseNotFull(PathBuf),
+    /// A diff does not follow the snapshot before it in the chain.
+    #[error(
+        "{path} was taken on top of snapshot {parent}, but the layer before it in the chain is \
+         {previous}: a layer is missing or the chain is out of order"
+    )]
+    ChainGap {
+        /// The diff that does not fit.
+        path: PathBuf,
+        /// Its parent's id.
+        parent: SnapshotId,
+        /// The id of the layer before it.
+        previous: SnapshotId,
+    },
+    /// Only the first layer of a chain is a full snapshot.
+    #[error("{0} is a full snapshot in the middle of a chain: restore from it alone")]
+    FullInChain(PathBuf),
+}
+
+/// A snapshot's identity: random, made when it is written. A diff names
+/// its parent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SnapshotId(pub [u8; 16]);
+
+impl SnapshotId {
+    /// A fresh random id.
+    pub fn new() -> std::io::Result<Self> {
+        let mut id = [0u8; 16];
+        crate::vm::host_random(&mut id)?;
+        Ok(Self(id))
+    }
+}
+
+impl std::fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A device as configured, saved so that a restore rebuilds it.
@@ -151,6 +199,8 @@ pub struct SavedConfig {
     pub vcpus: u32,
     /// Whether the VM has the PL031 RTC.
     pub rtc: bool,
+    /// Whether dirty pages are tracked (needed for diff snapshots).
+    pub dirty_tracking: bool,
     /// virtio devices, in attach (MMIO slot) order.
     pub devices: Vec<SavedDevice>,
 }
@@ -169,6 +219,14 @@ pub struct MemoryRegionState {
 /// Everything a snapshot's state file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
+    /// This snapshot's identity.
+    pub id: SnapshotId,
+    /// For a diff, the snapshot it was taken on top of.
+    pub parent: Option<SnapshotId>,
+    /// For a diff, per memory region, the runs of pages `(first, count)`
+    /// its memory file holds (at their own offsets; the rest of that file
+    /// is holes). `None` for a full snapshot, whose file holds every page.
+    pub diff: Option<Vec<Vec<(u64, u64)>>>,
     /// How to rebuild the VM.
     pub config: SavedConfig,
     /// The guest RAM layout in the memory file.
@@ -311,6 +369,31 @@ fn check_consistent(state: &VmState) -> Result<(), SnapshotError> {
     if state.rtc.is_some() != state.config.rtc {
         return bad("the RTC state does not match the configuration".into());
     }
+    if state.diff.is_some() != state.parent.is_some() {
+        return bad("a diff needs a parent, and only a diff has one".into());
+    }
+    if let Some(diff) = &state.diff {
+        if diff.len() != state.memory.len() {
+            return bad("diff runs do not match the memory regions".into());
+        }
+        for (runs, region) in diff.iter().zip(&state.memory) {
+            let pages = region.size / crate::arch::aarch64::layout::PAGE_SIZE;
+            let mut next = 0;
+            for &(first, count) in runs {
+                let end = first
+                    .checked_add(count)
+                    .filter(|&e| e <= pages && count > 0);
+                match end {
+                    Some(end) if first >= next => next = end,
+                    _ => {
+                        return bad(format!(
+                            "diff page run ({first}, {count}) is out of order or past the region"
+                        ))
+                    }
+                }
+            }
+        }
+    }
     let total: u64 = state.memory.iter().map(|r| r.size).sum();
     if total != state.config.memory_size || state.memory.is_empty() {
         return bad(format!(
@@ -348,6 +431,100 @@ pub fn open_memory(dir: &Path, state: &VmState) -> Result<(File, PathBuf), Snaps
         });
     }
     Ok((file, path))
+}
+
+/// One layer of a chain: its directory, state and memory file.
+pub struct Layer {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Its state.
+    pub state: VmState,
+    /// Its memory file, open.
+    pub memory: File,
+}
+
+/// Reads a chain (a full snapshot, then diffs, oldest first), checking that
+/// each diff was taken on top of the layer before it and that every memory
+/// file holds what its state says.
+pub fn read_chain(dirs: &[PathBuf]) -> Result<Vec<Layer>, SnapshotError> {
+    let mut layers: Vec<Layer> = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let state = read_state(dir)?;
+        match (&state.parent, layers.last()) {
+            (Some(_), None) => return Err(SnapshotError::ChainBaseNotFull(dir.clone())),
+            (None, Some(_)) => return Err(SnapshotError::FullInChain(dir.clone())),
+            (Some(parent), Some(previous)) if *parent != previous.state.id => {
+                return Err(SnapshotError::ChainGap {
+                    path: dir.clone(),
+                    parent: *parent,
+                    previous: previous.state.id,
+                })
+            }
+            _ => {}
+        }
+        if let Some(previous) = layers.last() {
+            if state.memory != previous.state.memory {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "{} has another memory layout than the layer before it",
+                    dir.display()
+                )));
+            }
+        }
+        let (memory, _) = open_memory(dir, &state)?;
+        layers.push(Layer {
+            dir: dir.clone(),
+            state,
+            memory,
+        });
+    }
+    if layers.is_empty() {
+        return Err(SnapshotError::Inconsistent("an empty chain".into()));
+    }
+    Ok(layers)
+}
+
+/// Compacts a chain into one full snapshot at `out`: the base's memory with
+/// each diff's pages laid over it in order (a page absent from a diff is
+/// unchanged, never zero), and the newest layer's state. The result keeps
+/// the newest layer's id, so diffs taken on top of it still apply.
+pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+
+    let mut layers = read_chain(chain)?;
+    let newest = layers
+        .last()
+        .map(|l| l.state.clone())
+        .ok_or_else(|| SnapshotError::Inconsistent("an empty chain".into()))?;
+    let merged = VmState {
+        parent: None,
+        diff: None,
+        ..newest
+    };
+    let bytes = format::encode(&merged)?;
+    write_dir(out, &bytes, |file| {
+        let (base, diffs) = layers.split_at_mut(1);
+        io::copy(&mut base[0].memory, file)?;
+        let mut buf = vec![0u8; 1 << 20];
+        for layer in diffs {
+            let runs = layer.state.diff.as_deref().unwrap_or_default();
+            for (region, region_runs) in layer.state.memory.iter().zip(runs) {
+                for &(first, count) in region_runs {
+                    let page = crate::arch::aarch64::layout::PAGE_SIZE;
+                    let mut offset = region.file_offset + first * page;
+                    let end = offset + count * page;
+                    while offset < end {
+                        let n = usize::try_from(end - offset)
+                            .unwrap_or(usize::MAX)
+                            .min(buf.len());
+                        layer.memory.read_exact_at(&mut buf[..n], offset)?;
+                        file.write_all_at(&buf[..n], offset)?;
+                        offset += n as u64;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{SnapshotError, VmState};
+use super::{SnapshotError, SnapshotId, VmState};
 use crate::builder::DEFAULT_KVM_DEVICE;
 use crate::devices::serial::{SerialInput, SerialOutput};
 use crate::devices::virtio::net::TapConfig;
@@ -35,7 +35,13 @@ impl MicroVm {
             return Err(SnapshotError::NotPaused.into());
         }
         let start = std::time::Instant::now();
-        let state = self.save_state()?;
+        let mut state = self.save_state()?;
+        let id = SnapshotId::new().map_err(Error::Host)?;
+        state.id = id;
+        if self.config.dirty_tracking {
+            // Every page goes into this snapshot: the next diff starts here.
+            self.harvest_dirty()?;
+        }
         let bytes = super::format::encode(&state)?;
         let saved = start.elapsed();
 
@@ -44,6 +50,7 @@ impl MicroVm {
         super::write_dir(dir.as_ref(), &bytes, |file| {
             write_memory(memory, size, file)
         })?;
+        self.snapshot_id = Some(id);
         Ok(SnapshotInfo {
             state_bytes: bytes.len() as u64,
             memory_bytes: size,
@@ -52,10 +59,86 @@ impl MicroVm {
         })
     }
 
+    /// Writes a diff snapshot of this paused VM to `dir`: its state, and
+    /// only the guest pages that changed since the last snapshot it took
+    /// (full or diff) or was restored from. Restore it with
+    /// [`MicroVm::restore_chain`] on top of the snapshots before it, or
+    /// compact the chain with [`crate::snapshot::merge`]. Needs
+    /// [`dirty_tracking`](crate::MicroVmBuilder::dirty_tracking).
+    pub fn snapshot_diff(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
+        if !matches!(self.state(), crate::VmState::Paused) {
+            return Err(SnapshotError::NotPaused.into());
+        }
+        if !self.config.dirty_tracking {
+            return Err(SnapshotError::NoDiffBase("dirty tracking is off").into());
+        }
+        let parent = self.snapshot_id.ok_or(SnapshotError::NoDiffBase(
+            "this VM has no snapshot to be relative to",
+        ))?;
+        let start = std::time::Instant::now();
+        let mut state = self.save_state()?;
+        // After save_state: the vGIC's pending tables may just have been
+        // written to guest memory.
+        let dirty = self.harvest_dirty()?;
+        let id = SnapshotId::new().map_err(Error::Host)?;
+        state.id = id;
+        state.parent = Some(parent);
+        state.diff = Some(dirty.iter().map(|b| b.runs()).collect());
+        let bytes = super::format::encode(&state)?;
+        let saved = start.elapsed();
+
+        let runs = state.diff.as_deref().unwrap_or_default();
+        let written = super::write_dir(dir.as_ref(), &bytes, |file| {
+            write_diff_memory(&self.memory, self.config.memory_size, runs, file)
+        });
+        if let Err(e) = written {
+            // Those pages are in no snapshot yet: keep them for the next.
+            self.remark_dirty(runs);
+            return Err(e.into());
+        }
+        self.snapshot_id = Some(id);
+        let pages: u64 = runs.iter().flatten().map(|(_, n)| n).sum();
+        Ok(SnapshotInfo {
+            state_bytes: bytes.len() as u64,
+            memory_bytes: pages * crate::arch::aarch64::layout::PAGE_SIZE,
+            save_state: saved,
+            write_files: start.elapsed() - saved,
+        })
+    }
+
+    /// Reads and clears what changed since the last harvest.
+    fn harvest_dirty(&self) -> Result<Vec<crate::dirty::DirtyBitmap>, Error> {
+        Ok(crate::dirty::harvest(&self._vm, &self.memory)?)
+    }
+
+    /// Marks pages dirty again in the VMM's bitmap (after a failed diff).
+    fn remark_dirty(&self, runs: &[Vec<(u64, u64)>]) {
+        use vm_memory::GuestMemoryBackend as _;
+        let page = crate::arch::aarch64::layout::PAGE_SIZE;
+        for (region, runs) in self.memory.iter().zip(runs) {
+            let bitmap = std::ops::Deref::deref(region).bitmap();
+            for &(first, count) in runs {
+                let (Ok(start), Ok(len)) =
+                    (usize::try_from(first * page), usize::try_from(count * page))
+                else {
+                    continue;
+                };
+                bitmap.set_addr_range(start, len);
+            }
+        }
+    }
+
     /// Starts restoring the snapshot in `dir`; see [`Restore`].
     pub fn restore(dir: impl Into<PathBuf>) -> Restore {
+        Self::restore_chain([dir.into()])
+    }
+
+    /// Starts restoring a chain: a full snapshot, then the diff snapshots
+    /// taken on top of it, oldest first. The newest layer's pages win;
+    /// each layer's pages are mapped from its own file, nothing is copied.
+    pub fn restore_chain(dirs: impl IntoIterator<Item = PathBuf>) -> Restore {
         Restore {
-            dir: dir.into(),
+            chain: dirs.into_iter().collect(),
             serial_output: None,
             serial_input: None,
             block_paths: Vec::new(),
@@ -65,6 +148,34 @@ impl MicroVm {
             resume: false,
         }
     }
+}
+
+/// Writes the dirty page runs into a sparse memory file of the full size,
+/// each at its own offset.
+fn write_diff_memory(
+    memory: &crate::memory::GuestMemoryMmap,
+    size: u64,
+    runs: &[Vec<(u64, u64)>],
+    file: &mut std::fs::File,
+) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+
+    use vm_memory::Bytes;
+    file.set_len(size)?;
+    let page = crate::arch::aarch64::layout::PAGE_SIZE;
+    // One region today: its runs are offsets from DRAM_START.
+    for &(first, count) in runs.iter().flatten() {
+        file.seek(SeekFrom::Start(first * page))?;
+        let len = usize::try_from(count * page).map_err(std::io::Error::other)?;
+        memory
+            .write_all_volatile_to(
+                vm_memory::GuestAddress(crate::DRAM_START.0 + first * page),
+                file,
+                len,
+            )
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
 }
 
 /// Copies guest RAM into the memory file.
@@ -94,7 +205,7 @@ fn write_memory(
 /// # vm.pause()?; Ok(()) }
 /// ```
 pub struct Restore {
-    dir: PathBuf,
+    chain: Vec<PathBuf>,
     serial_output: Option<SerialOutput>,
     serial_input: Option<SerialInput>,
     block_paths: Vec<(usize, PathBuf)>,
@@ -107,7 +218,7 @@ pub struct Restore {
 impl std::fmt::Debug for Restore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Restore")
-            .field("dir", &self.dir)
+            .field("chain", &self.chain)
             .field("block_paths", &self.block_paths)
             .field("taps", &self.taps)
             .field("vsock_uds", &self.vsock_uds)
@@ -166,10 +277,11 @@ impl Restore {
     /// Reads and checks the snapshot, then rebuilds the VM from it. Every
     /// check on the files comes before any KVM resource exists.
     pub fn build(self) -> Result<MicroVm, Error> {
-        let state = super::read_state(&self.dir)?;
-        self.check_overrides(&state)?;
-        let (memory_file, _) = super::open_memory(&self.dir, &state)?;
-        restore_vm(self, state, memory_file)
+        let layers = super::read_chain(&self.chain)?;
+        if let Some(newest) = layers.last() {
+            self.check_overrides(&newest.state)?;
+        }
+        restore_vm(self, layers)
     }
 
     fn check_overrides(&self, state: &VmState) -> Result<(), SnapshotError> {
@@ -198,11 +310,7 @@ impl Restore {
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-fn restore_vm(
-    _restore: Restore,
-    _state: VmState,
-    _memory: std::fs::File,
-) -> Result<MicroVm, Error> {
+fn restore_vm(_restore: Restore, _layers: Vec<super::Layer>) -> Result<MicroVm, Error> {
     Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
 }
 
@@ -255,6 +363,9 @@ mod aarch64 {
             let serial_state = serial.save();
             drop(serial);
             Ok(VmState {
+                id: super::super::SnapshotId([0; 16]),
+                parent: None,
+                diff: None,
                 config: self.config.clone(),
                 memory: vec![MemoryRegionState {
                     guest_addr: DRAM_START.0,
@@ -310,6 +421,58 @@ mod aarch64 {
         GuestMemoryMmap::from_regions(mapped).map_err(|e| bad(format!("memory regions: {e}")))
     }
 
+    /// Maps a diff layer's page runs over `memory` (MAP_FIXED, private):
+    /// afterwards those guest pages read from the layer's file.
+    fn overlay(memory: &GuestMemoryMmap, layer: &super::super::Layer) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+
+        use vm_memory::GuestMemoryBackend as _;
+        use vm_memory::GuestMemoryRegion as _;
+
+        let bad = |m: String| Error::Snapshot(SnapshotError::Inconsistent(m));
+        let runs = layer.state.diff.as_deref().unwrap_or_default();
+        for ((region, saved), runs) in memory.iter().zip(&layer.state.memory).zip(runs) {
+            for &(first, count) in runs {
+                // read_chain checked the runs lie inside the region.
+                let (offset, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
+                if offset + len > region.len() {
+                    return Err(bad(format!("diff run ({first}, {count}) past the region")));
+                }
+                let len = usize::try_from(len).map_err(|_| bad("run too large".into()))?;
+                let file_offset = libc::off_t::try_from(saved.file_offset + offset)
+                    .map_err(|_| bad("file offset too large".into()))?;
+                // The run's host address inside the region's own mapping.
+                let addr = region
+                    .as_ptr()
+                    .wrapping_add(usize::try_from(offset).map_err(|_| bad("offset".into()))?);
+                // SAFETY: [addr, addr + len) lies inside the mapping this
+                // GuestMemoryMmap owns (checked above against region.len()),
+                // which no vCPU or device uses yet and no slice borrows;
+                // MAP_FIXED replaces exactly those pages with a private
+                // mapping of the layer's file, which the kernel keeps alive
+                // after the fd closes. The region's munmap at drop covers it.
+                let mapped = unsafe {
+                    libc::mmap(
+                        addr.cast(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        layer.memory.as_raw_fd(),
+                        file_offset,
+                    )
+                };
+                if mapped != addr.cast() {
+                    return Err(bad(format!(
+                        "mapping {} over guest memory: {}",
+                        layer.dir.display(),
+                        std::io::Error::last_os_error()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the restore's overrides to the saved device list.
     fn device_configs(
         restore: &mut Restore,
@@ -357,11 +520,29 @@ mod aarch64 {
     /// the boot source.
     pub(super) fn restore_vm(
         mut restore: Restore,
-        state: VmState,
-        file: std::fs::File,
+        mut layers: Vec<super::super::Layer>,
     ) -> Result<MicroVm, Error> {
-        let memory = map_memory(&file, &state.memory)?;
-        let core = create_core(&restore.kvm_device, memory, state.config.vcpus)?;
+        let newest = layers
+            .pop()
+            .ok_or(Error::Internal("restore of an empty chain"))?;
+        let memory = match layers.first() {
+            // A chain: the base's memory, each later layer mapped over it.
+            Some(base) => {
+                let memory = map_memory(&base.memory, &base.state.memory)?;
+                for layer in layers.iter().skip(1).chain(std::iter::once(&newest)) {
+                    overlay(&memory, layer)?;
+                }
+                memory
+            }
+            None => map_memory(&newest.memory, &newest.state.memory)?,
+        };
+        let state = newest.state;
+        let core = create_core(
+            &restore.kvm_device,
+            memory,
+            state.config.vcpus,
+            state.config.dirty_tracking,
+        )?;
 
         let mut devices = DeviceManager::new();
         let output = restore
@@ -394,6 +575,7 @@ mod aarch64 {
         };
         let input = restore.serial_input.take();
         let mut vm = assemble(core, devices, config, input)?;
+        vm.snapshot_id = Some(state.id);
         if restore.resume {
             vm.start()?;
         }

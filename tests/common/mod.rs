@@ -281,3 +281,39 @@ pub fn isolated_tap(name: &str, host_cidr: &str) -> dormouse::devices::virtio::n
     host_busybox(&["ip", "link", "set", name, "up"]);
     tap
 }
+
+/// Asserts that a VM's guest RAM equals the memory file of a snapshot.
+pub fn assert_memory_equals_file(vm: &dormouse::MicroVm, file: &std::path::Path) {
+    use std::io::Read;
+
+    use vm_memory::Bytes;
+    let mut f = std::fs::File::open(file).unwrap();
+    let size = vm.config().memory_size;
+    let mut from_vm = vec![0u8; 1 << 20];
+    let mut from_file = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < size {
+        let n =
+            usize::try_from(size - offset).map_or(from_vm.len(), |left| left.min(from_vm.len()));
+        vm.memory()
+            .read_slice(
+                &mut from_vm[..n],
+                dormouse::GuestAddress(dormouse::DRAM_START.0 + offset),
+            )
+            .unwrap();
+        f.read_exact(&mut from_file[..n]).unwrap();
+        if from_vm[..n] != from_file[..n] {
+            let at = from_vm[..n]
+                .iter()
+                .zip(&from_file[..n])
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!(
+                "guest memory differs from {} at offset {:#x}",
+                file.display(),
+                offset + at as u64
+            );
+        }
+        offset += n as u64;
+    }
+}

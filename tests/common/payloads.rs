@@ -23,6 +23,30 @@ pub const COUNTER: &[u32] = &[
     0x17fffffe, // b 2c <count+0x14>
 ];
 
+/// Assembled from `tests/payloads/dirty.S`.
+pub const DIRTY: &[u32] = &[
+    // _start:
+    0xd2b00005, // mov x5, #0x80000000 // #2147483648
+    0x914004a7, // add x7, x5, #0x1, lsl #12
+    0x914008a8, // add x8, x5, #0x2, lsl #12
+    // outer:
+    0xf94000e1, // ldr x1, [x7]
+    0xf94004e2, // ldr x2, [x7, #8]
+    0xaa0803e3, // mov x3, x8
+    0xd2800004, // mov x4, #0x0 // #0
+    0xeb01009f, // cmp x4, x1
+    0x540000aa, // b.ge 34 <outer+0x28> // b.tcont
+    0xf9000062, // str x2, [x3]
+    0x91400463, // add x3, x3, #0x1, lsl #12
+    0x91000484, // add x4, x4, #0x1
+    0x17fffffb, // b 1c <outer+0x10>
+    0xf90008e2, // str x2, [x7, #16]
+    0xf94004e9, // ldr x9, [x7, #8]
+    0xeb02013f, // cmp x9, x2
+    0x54ffffc0, // b.eq 38 <outer+0x2c> // b.none
+    0x17fffff2, // b c <outer>
+];
+
 /// Assembled from `tests/payloads/hello.S`.
 pub const HELLO: &[u32] = &[
     // _start:
