@@ -65,6 +65,7 @@ mod aarch64 {
         pub memory: GuestMemoryMmap,
         pub vcpus: Vec<Vcpu>,
         pub gic: Gic,
+        pub dirty: Option<crate::dirty::Tracking>,
     }
 
     /// Opens KVM, creates the VM (with dirty logging if asked), registers
@@ -73,7 +74,7 @@ mod aarch64 {
         kvm_device: &std::path::Path,
         memory: GuestMemoryMmap,
         vcpu_count: u32,
-        dirty_tracking: bool,
+        dirty_tracking: Option<bool>,
     ) -> Result<Core, Error> {
         let kvm = vm::open_kvm(kvm_device)?;
         check_vcpu_limit(&kvm, vcpu_count)?;
@@ -84,21 +85,44 @@ mod aarch64 {
         kvm: &Kvm,
         memory: GuestMemoryMmap,
         vcpu_count: u32,
-        dirty_tracking: bool,
+        dirty_tracking: Option<bool>,
     ) -> Result<Core, Error> {
+        use crate::dirty::{DirtyMode, DirtyRing, RingSink, Tracking};
+
         let vm = vm::create_vm(kvm)?;
-        if dirty_tracking {
-            crate::dirty::enable(&vm)?;
+        // `Some(prefer_ring)`: tracking on, with the ring where KVM has it.
+        let mode = dirty_tracking.map(|prefer_ring| match prefer_ring {
+            true => crate::dirty::ring_mode(&vm).unwrap_or(DirtyMode::Log),
+            false => DirtyMode::Log,
+        });
+        if let Some(mode) = mode {
+            crate::dirty::enable_mode(&vm, mode)?;
         }
-        vm::register_memory(&vm, &memory, dirty_tracking)?;
+        vm::register_memory(&vm, &memory, mode.is_some())?;
+        let sink = match mode {
+            Some(DirtyMode::Ring(_)) => {
+                let pages: Vec<u64> = {
+                    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+                    memory.iter().map(|r| r.len() / layout::PAGE_SIZE).collect()
+                };
+                Some(Arc::new(RingSink::new(&vm, &pages)?))
+            }
+            _ => None,
+        };
         let mut vcpus = Vec::with_capacity(vcpu_count as usize);
         for index in 0..vcpu_count {
             let fd = vm
                 .create_vcpu(index.into())
                 .map_err(|source| VcpuError::Create { index, source })?;
             regs::init_vcpu(&vm, &fd, index)?;
-            vcpus.push(Vcpu::new(index, fd));
+            let mut vcpu = Vcpu::new(index, fd);
+            if let (Some(DirtyMode::Ring(bytes)), Some(sink)) = (mode, &sink) {
+                let ring = DirtyRing::map(vcpu.fd(), bytes)?;
+                vcpu.set_dirty_ring(ring, sink.clone());
+            }
+            vcpus.push(vcpu);
         }
+        let dirty = mode.map(|mode| Tracking { mode, sink });
         let gic = Gic::new(&vm)?;
         gic.finalize()?;
         Ok(Core {
@@ -106,6 +130,7 @@ mod aarch64 {
             memory,
             vcpus,
             gic,
+            dirty,
         })
     }
 
@@ -162,6 +187,7 @@ mod aarch64 {
         }
         Ok(MicroVm {
             snapshot_id: None,
+            dirty: core.dirty,
             run: RunState::Paused,
             event_loop,
             vcpus: core.vcpus,
@@ -183,7 +209,7 @@ mod aarch64 {
             &config.kvm_device,
             memory,
             config.vcpus,
-            config.dirty_tracking,
+            config.dirty_tracking.then_some(config.dirty_ring),
         )?;
 
         let mut devices = DeviceManager::new();
@@ -210,6 +236,7 @@ mod aarch64 {
             vcpus: config.vcpus,
             rtc: config.rtc,
             dirty_tracking: config.dirty_tracking,
+            dirty_ring: config.dirty_ring,
             devices: saved_devices,
         };
         let input = config.serial_input.take();

@@ -126,6 +126,7 @@ pub struct MicroVmBuilder {
     pub(crate) cmdline: Option<String>,
     pub(crate) rtc: bool,
     pub(crate) dirty_tracking: bool,
+    pub(crate) dirty_ring: bool,
     pub(crate) virtio: Vec<VirtioConfig>,
     pub(crate) kvm_device: PathBuf,
 }
@@ -158,6 +159,7 @@ impl Default for MicroVmBuilder {
             cmdline: None,
             rtc: true,
             dirty_tracking: false,
+            dirty_ring: true,
             virtio: Vec::new(),
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
         }
@@ -234,6 +236,14 @@ impl MicroVmBuilder {
     /// faults on the first write to each page after a snapshot.
     pub fn dirty_tracking(mut self, enabled: bool) -> Self {
         self.dirty_tracking = enabled;
+        self
+    }
+
+    /// With dirty tracking on, whether to use KVM's dirty ring where the
+    /// host has it (default: yes; harvests then cost what was dirtied) or
+    /// always its per-slot bitmap log.
+    pub fn dirty_ring(mut self, prefer_ring: bool) -> Self {
+        self.dirty_ring = prefer_ring;
         self
     }
 

@@ -59,6 +59,15 @@ pub enum DirtyError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The dirty ring could not be enabled.
+    #[error("KVM refused the dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL / _WITH_BITMAP)")]
+    EnableRing(#[source] kvm_ioctls::Error),
+    /// A vCPU's dirty ring could not be mapped.
+    #[error("could not map a vCPU's dirty ring")]
+    MapRing(#[source] std::io::Error),
+    /// KVM_RESET_DIRTY_RINGS failed.
+    #[error("KVM_RESET_DIRTY_RINGS failed")]
+    ResetRings(#[source] std::io::Error),
     /// KVM_CLEAR_DIRTY_LOG failed.
     #[error("KVM_CLEAR_DIRTY_LOG failed for memory slot {slot}")]
     ClearLog {
@@ -258,5 +267,244 @@ mod tests {
         assert_eq!(harvest_vmm(&mem)[0].runs(), vec![(3, 1), (10, 2)]);
         // Harvesting clears.
         assert_eq!(harvest_vmm(&mem)[0].count(), 0);
+    }
+}
+
+/// `kvm_dirty_gfn.flags`: KVM published this entry.
+const GFN_DIRTY: u32 = 1;
+/// `kvm_dirty_gfn.flags`: userspace collected this entry.
+const GFN_RESET: u32 = 2;
+/// The most ring memory dormouse asks for per vCPU (65536 entries).
+const MAX_RING_BYTES: usize = 1 << 20;
+
+mod ring_ioctls {
+    use vmm_sys_util::ioctl_io_nr;
+
+    /// The KVM ioctl type.
+    const KVMIO: u32 = 0xAE;
+    ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+}
+
+/// How KVM reports the pages vCPUs write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// The per-slot dirty bitmap (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG):
+    /// a harvest scans one bit per page of guest memory.
+    Log,
+    /// A ring of dirtied pages per vCPU (KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    /// with the bitmap for writes made outside any vCPU, e.g. the vGIC's):
+    /// a harvest costs what was dirtied. Ring size in bytes.
+    Ring(usize),
+}
+
+/// The ring mode this host's KVM offers, if any: Linux 6.1+ on arm64 with
+/// KVM_CAP_DIRTY_LOG_RING_ACQ_REL and KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP.
+pub fn ring_mode(vm: &VmFd) -> Option<DirtyMode> {
+    let max = vm.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into());
+    let bitmap = vm.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP.into());
+    let max = usize::try_from(max).ok().filter(|&m| m > 0)?;
+    if bitmap <= 0 {
+        return None;
+    }
+    // A power of two no larger than KVM's limit.
+    let bytes = MAX_RING_BYTES.min(max);
+    Some(DirtyMode::Ring(1 << bytes.ilog2()))
+}
+
+/// Turns dirty tracking on for `vm` in `mode`: before any vCPU or memory
+/// slot exists.
+pub fn enable_mode(vm: &VmFd, mode: DirtyMode) -> Result<(), DirtyError> {
+    match mode {
+        DirtyMode::Log => enable(vm),
+        DirtyMode::Ring(bytes) => {
+            let ring = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                args: [bytes as u64, 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&ring).map_err(DirtyError::EnableRing)?;
+            let bitmap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+                ..Default::default()
+            };
+            vm.enable_cap(&bitmap).map_err(DirtyError::EnableRing)
+        }
+    }
+}
+
+/// A VM's dirty tracking: the mode in use and, for the ring, where full
+/// rings were drained to.
+#[derive(Debug)]
+pub struct Tracking {
+    /// How KVM reports vCPU writes on this VM.
+    pub mode: DirtyMode,
+    /// With the ring: the drained pages and the reset handle.
+    pub sink: Option<std::sync::Arc<RingSink>>,
+}
+
+/// One vCPU's dirty ring, mapped from its fd.
+#[derive(Debug)]
+pub struct DirtyRing {
+    gfns: *mut kvm_bindings::kvm_dirty_gfn,
+    entries: u32,
+    bytes: usize,
+    /// The next entry to look at (free-running).
+    next: u32,
+}
+
+// SAFETY: the ring is a mapping owned by this value (unmapped on drop);
+// nothing else in this process aliases it, and KVM synchronises with us
+// through the entries' flags with acquire/release ordering.
+unsafe impl Send for DirtyRing {}
+
+impl DirtyRing {
+    /// Maps vCPU `vcpu`'s ring of `bytes` bytes.
+    pub fn map(vcpu: &kvm_ioctls::VcpuFd, bytes: usize) -> Result<Self, DirtyError> {
+        use std::os::fd::AsRawFd;
+        let page = usize::try_from(PAGE_SIZE).unwrap_or(4096);
+        let offset = libc::off_t::try_from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET as usize * page)
+            .map_err(|_| DirtyError::MapRing(std::io::Error::other("ring offset")))?;
+        // SAFETY: a fresh shared mapping of the vCPU fd's ring area, of the
+        // size the ring was enabled with; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DirtyError::MapRing(std::io::Error::last_os_error()));
+        }
+        let entries = bytes / std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>();
+        Ok(Self {
+            gfns: ptr.cast(),
+            entries: u32::try_from(entries).unwrap_or(u32::MAX),
+            bytes,
+            next: 0,
+        })
+    }
+
+    /// Moves every published entry into `into` (per slot) and marks it
+    /// collected. Returns how many there were. KVM re-protects the pages
+    /// on the next [`reset_rings`].
+    pub fn collect(&mut self, into: &mut [DirtyBitmap]) -> u32 {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let mut count = 0;
+        loop {
+            let index = (self.next % self.entries) as usize;
+            // SAFETY: `index` < entries, so the entry lies inside the
+            // mapping; `flags` is a naturally aligned u32 that KVM and we
+            // access atomically (acquire/release, as ACQ_REL requires).
+            let entry = unsafe { self.gfns.add(index) };
+            // SAFETY: as above.
+            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
+            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                return count;
+            }
+            // SAFETY: the entry is published (DIRTY seen with acquire), so
+            // KVM does not write it until we reset it.
+            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            // Address space 0 only (slot's upper 16 bits).
+            if let Some(bitmap) = into.get_mut((slot & 0xffff) as usize) {
+                bitmap.set(offset);
+            }
+            flags.store(GFN_RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+            count += 1;
+        }
+    }
+}
+
+impl Drop for DirtyRing {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` made, which nothing else
+        // refers to.
+        unsafe { libc::munmap(self.gfns.cast(), self.bytes) };
+    }
+}
+
+/// Re-protects the pages of every collected ring entry (KVM_RESET_DIRTY_RINGS).
+pub fn reset_rings(vm: &impl std::os::fd::AsRawFd) -> Result<(), DirtyError> {
+    // SAFETY: `vm` is a KVM VM fd; the ioctl takes no argument.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl(vm, ring_ioctls::KVM_RESET_DIRTY_RINGS()) };
+    if rc < 0 {
+        return Err(DirtyError::ResetRings(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Dirty pages collected by vCPU threads when their ring filled up, kept
+/// until the next harvest; and a handle to reset the rings from there.
+#[derive(Debug)]
+pub struct RingSink {
+    /// A duplicate of the VM fd, for KVM_RESET_DIRTY_RINGS.
+    vm: std::fs::File,
+    /// Per memory region.
+    pending: std::sync::Mutex<Vec<DirtyBitmap>>,
+}
+
+impl RingSink {
+    /// A sink for a VM whose regions have these page counts.
+    pub fn new(vm: &VmFd, region_pages: &[u64]) -> Result<Self, DirtyError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: dup(2) of the VM fd, which stays open for the call; the
+        // result is checked and owned by the File.
+        let fd = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(DirtyError::ResetRings(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            vm: unsafe { std::fs::File::from_raw_fd(fd) },
+            pending: std::sync::Mutex::new(
+                region_pages.iter().map(|&p| DirtyBitmap::new(p)).collect(),
+            ),
+        })
+    }
+
+    /// Drains a full ring (a vCPU thread's KVM_EXIT_DIRTY_RING_FULL).
+    pub fn drain(&self, ring: &mut DirtyRing) -> Result<(), DirtyError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        ring.collect(&mut pending);
+        drop(pending);
+        reset_rings(&self.vm)
+    }
+
+    /// Harvests with the VM paused: every ring, what vCPU threads drained
+    /// before, KVM's bitmap of non-vCPU writes, and the VMM's own writes.
+    pub fn harvest<'a>(
+        &self,
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+        rings: impl Iterator<Item = &'a mut DirtyRing>,
+    ) -> Result<Vec<DirtyBitmap>, DirtyError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for ring in rings {
+            ring.collect(&mut pending);
+        }
+        reset_rings(&self.vm)?;
+        let mut out = harvest_vmm(memory);
+        for (index, ((region, bitmap), drained)) in memory
+            .iter()
+            .zip(out.iter_mut())
+            .zip(pending.iter_mut())
+            .enumerate()
+        {
+            bitmap.or_words(&drained.words);
+            *drained = DirtyBitmap::new(drained.pages);
+            let slot = u32::try_from(index).unwrap_or(u32::MAX);
+            let size = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            // Writes made outside any vCPU (the vGIC's tables) land here;
+            // without manual protection this read also clears it.
+            let log = vm
+                .get_dirty_log(slot, size)
+                .map_err(|source| DirtyError::GetLog { slot, source })?;
+            bitmap.or_words(&log);
+        }
+        Ok(out)
     }
 }

@@ -58,6 +58,8 @@ pub struct MicroVm {
     /// The snapshot this VM's memory was last written to or restored from:
     /// what a diff snapshot is relative to.
     pub(crate) snapshot_id: Option<crate::snapshot::SnapshotId>,
+    /// Dirty tracking, when on.
+    pub(crate) dirty: Option<crate::dirty::Tracking>,
     pub(crate) run: RunState,
     pub(crate) event_loop: EventLoop,
     pub(crate) vcpus: Vec<Vcpu>,
@@ -107,6 +109,12 @@ impl MicroVm {
     /// of it records).
     pub fn config(&self) -> &SavedConfig {
         &self.config
+    }
+
+    /// How dirty pages are tracked, if they are: KVM's ring where the host
+    /// has it, else its bitmap log.
+    pub fn dirty_mode(&self) -> Option<crate::dirty::DirtyMode> {
+        self.dirty.as_ref().map(|d| d.mode)
     }
 
     /// Where the VM is in its life cycle.

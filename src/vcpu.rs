@@ -127,17 +127,40 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     result
 }
 
+/// A vCPU's dirty ring and where a full one is drained to.
+type RingParts = (crate::dirty::DirtyRing, Arc<crate::dirty::RingSink>);
+
 /// One vCPU: its KVM fd and what it dispatches exits to.
 #[derive(Debug)]
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
+    ring: Option<RingParts>,
 }
 
 impl Vcpu {
     /// Wraps a created (and arch-initialised) vCPU.
     pub fn new(index: u32, fd: VcpuFd) -> Self {
-        Self { index, fd }
+        Self {
+            index,
+            fd,
+            ring: None,
+        }
+    }
+
+    /// Gives the vCPU its dirty ring: a full ring is drained into `sink` on
+    /// the vCPU thread, and the guest goes on.
+    pub fn set_dirty_ring(
+        &mut self,
+        ring: crate::dirty::DirtyRing,
+        sink: Arc<crate::dirty::RingSink>,
+    ) {
+        self.ring = Some((ring, sink));
+    }
+
+    /// The vCPU's dirty ring, if it has one.
+    pub fn dirty_ring_mut(&mut self) -> Option<&mut crate::dirty::DirtyRing> {
+        self.ring.as_mut().map(|(ring, _)| ring)
     }
 
     /// The vCPU's index (its KVM vCPU id).
@@ -204,6 +227,18 @@ impl Vcpu {
                     }
                 },
                 Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                    let Some((ring, sink)) = self.ring.as_mut() else {
+                        return Err(VcpuError::UnexpectedExit {
+                            index,
+                            exit: "dirty ring full, but the vCPU has no ring".into(),
+                        });
+                    };
+                    sink.drain(ring).map_err(|e| VcpuError::UnexpectedExit {
+                        index,
+                        exit: format!("dirty ring full and draining it failed: {e}"),
+                    })?;
+                }
                 Ok(other) => {
                     return Err(VcpuError::UnexpectedExit {
                         index,

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{code, payloads, TempDir};
+use dormouse::dirty::DirtyMode;
 use dormouse::snapshot::SnapshotError;
 use dormouse::{Error, GuestAddress, MicroVm, VmState, DRAM_START};
 use vm_memory::Bytes;
@@ -150,8 +151,17 @@ fn diffs_need_tracking_and_a_base() {
 }
 
 #[test]
-fn a_chain_of_diffs_restores_what_a_full_snapshot_holds() {
-    let tmp = TempDir::new("snap-chain");
+fn a_chain_of_diffs_restores_what_a_full_snapshot_holds_with_the_dirty_ring() {
+    chain_matches_full_snapshot(true);
+}
+
+#[test]
+fn a_chain_of_diffs_restores_what_a_full_snapshot_holds_with_the_dirty_log() {
+    chain_matches_full_snapshot(false);
+}
+
+fn chain_matches_full_snapshot(prefer_ring: bool) {
+    let tmp = TempDir::new(&format!("snap-chain-{prefer_ring}"));
     let (base, d1, d2, full) = (
         tmp.0.join("base"),
         tmp.0.join("d1"),
@@ -162,9 +172,16 @@ fn a_chain_of_diffs_restores_what_a_full_snapshot_holds() {
         .vcpus(2)
         .memory_mib(64)
         .dirty_tracking(true)
+        .dirty_ring(prefer_ring)
         .payload(code(payloads::COUNTER), DRAM_START)
         .build()
         .unwrap();
+    match (prefer_ring, vm.dirty_mode()) {
+        // The emulated host's 6.12 kernel has the ring; older ones do not.
+        (true, Some(DirtyMode::Ring(_) | DirtyMode::Log)) => {}
+        (false, Some(DirtyMode::Log)) => {}
+        other => panic!("unexpected dirty mode {other:?}"),
+    }
     vm.start().unwrap();
     wait_past(&vm, 2, 1000);
     vm.pause().unwrap();
@@ -209,4 +226,45 @@ fn a_chain_of_diffs_restores_what_a_full_snapshot_holds() {
     let mut from_merged = MicroVm::restore(&merged).resume(true).build().unwrap();
     wait_past(&from_merged, 2, floor);
     from_merged.pause().unwrap();
+}
+
+/// More distinct pages than one vCPU's dirty ring holds (65536 entries)
+/// between two snapshots: full rings are drained on the vCPU thread and no
+/// page goes missing from the diff.
+#[test]
+fn a_guest_that_overflows_its_dirty_ring_loses_no_page() {
+    let tmp = TempDir::new("snap-ringfull");
+    let (base, diff, full) = (tmp.0.join("base"), tmp.0.join("diff"), tmp.0.join("full"));
+    let mut vm = MicroVm::builder()
+        .memory_mib(512)
+        .dirty_tracking(true)
+        .payload(code(payloads::DIRTY), DRAM_START)
+        .build()
+        .unwrap();
+    vm.snapshot(&base).unwrap();
+    // tests/payloads/dirty.S: control page at +0x1000, pages from +0x2000.
+    let pages: u64 = 100_000;
+    let ctl = |w: u64| GuestAddress(DRAM_START.0 + 0x1000 + 8 * w);
+    vm.memory().write_obj(pages, ctl(0)).unwrap();
+    vm.memory().write_obj(1u64, ctl(1)).unwrap();
+    vm.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while vm.memory().read_obj::<u64>(ctl(2)).unwrap() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not dirty its pages"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.pause().unwrap();
+    let info = vm.snapshot_diff(&diff).unwrap();
+    assert!(
+        info.memory_bytes >= pages * 4096,
+        "the diff holds {} pages, the guest wrote {pages}",
+        info.memory_bytes / 4096
+    );
+    vm.snapshot(&full).unwrap();
+    drop(vm);
+    let restored = MicroVm::restore_chain([base, diff]).build().unwrap();
+    common::assert_memory_equals_file(&restored, &full.join(dormouse::snapshot::MEMORY_FILE));
 }

@@ -28,6 +28,7 @@ fn state() -> VmState {
             vcpus: 1,
             rtc: false,
             dirty_tracking: false,
+            dirty_ring: false,
             devices: Vec::new(),
         },
         memory: vec![MemoryRegionState {

@@ -201,6 +201,8 @@ pub struct SavedConfig {
     pub rtc: bool,
     /// Whether dirty pages are tracked (needed for diff snapshots).
     pub dirty_tracking: bool,
+    /// Whether KVM's dirty ring is preferred to its bitmap log.
+    pub dirty_ring: bool,
     /// virtio devices, in attach (MMIO slot) order.
     pub devices: Vec<SavedDevice>,
 }

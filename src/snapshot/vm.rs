@@ -107,8 +107,16 @@ impl MicroVm {
     }
 
     /// Reads and clears what changed since the last harvest.
-    fn harvest_dirty(&self) -> Result<Vec<crate::dirty::DirtyBitmap>, Error> {
-        Ok(crate::dirty::harvest(&self._vm, &self.memory)?)
+    fn harvest_dirty(&mut self) -> Result<Vec<crate::dirty::DirtyBitmap>, Error> {
+        let sink = self.dirty.as_ref().and_then(|d| d.sink.clone());
+        Ok(match sink {
+            Some(sink) => sink.harvest(
+                &self._vm,
+                &self.memory,
+                self.vcpus.iter_mut().filter_map(|v| v.dirty_ring_mut()),
+            )?,
+            None => crate::dirty::harvest(&self._vm, &self.memory)?,
+        })
     }
 
     /// Marks pages dirty again in the VMM's bitmap (after a failed diff).
@@ -541,7 +549,10 @@ mod aarch64 {
             &restore.kvm_device,
             memory,
             state.config.vcpus,
-            state.config.dirty_tracking,
+            state
+                .config
+                .dirty_tracking
+                .then_some(state.config.dirty_ring),
         )?;
 
         let mut devices = DeviceManager::new();
