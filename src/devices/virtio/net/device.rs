@@ -85,7 +85,8 @@ pub struct Net {
     broken: bool,
     counters: NetCounters,
     /// Header plus frame read from the TAP, waiting for a receive buffer
-    /// when `pending_rx` is set.
+    /// when `pending_rx` is set. One byte longer than the largest frame, so
+    /// that a frame the backend had to cut shows as too long.
     rx_buf: Box<[u8]>,
     pending_rx: Option<usize>,
     tx_buf: Box<[u8]>,
@@ -134,7 +135,7 @@ impl Net {
             active: None,
             broken: false,
             counters: NetCounters::default(),
-            rx_buf: vec![0; MAX_BUFFER_LEN].into_boxed_slice(),
+            rx_buf: vec![0; MAX_BUFFER_LEN + 1].into_boxed_slice(),
             pending_rx: None,
             tx_buf: vec![0; MAX_BUFFER_LEN].into_boxed_slice(),
             rx_wants_tap: false,
@@ -214,6 +215,14 @@ impl Net {
                         log::warn!("virtio-net: TAP {} closed", tap.name());
                         result = Ok(RxStop::TapGone);
                         break;
+                    }
+                    Ok(len) if len > MAX_BUFFER_LEN => {
+                        // Larger than any frame the device moves: the read
+                        // cut it (a datagram socket) or reports its whole
+                        // length (a TAP). Never deliver part of a frame.
+                        log::debug!("virtio-net: dropping a {len}-byte frame from the TAP");
+                        counters.rx_dropped += 1;
+                        continue;
                     }
                     Ok(len) => len,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
