@@ -7,6 +7,7 @@
 
 mod cpio;
 mod cross;
+mod fuzz;
 mod libtest;
 mod lint;
 mod payloads;
@@ -33,6 +34,10 @@ commands:
   demo [-- <args>]          examples/demo.rs inside the emulated arm64 host
   lint                      cargo fmt --check, clippy (host and aarch64), payloads --check
   payloads [--check]        regenerate tests/common/payloads.rs from tests/payloads/*.S
+  fuzz [--seconds N] [TARGET...]
+                            build the cargo-fuzz targets in fuzz/ (nightly; installs
+                            cargo-fuzz if missing) and run each (default: all) for N
+                            seconds (default 20); fails on any crash, timeout or OOM
 
 environment:
   DORMOUSE_RIG_MEM_MB        memory of the emulated host (default 4096)
@@ -110,6 +115,7 @@ fn dispatch(args: &[String]) -> Result<i32> {
             payloads::payloads(!options.is_empty())?;
             Ok(0)
         }
+        "fuzz" => fuzz::fuzz(&fuzz::parse_args(rest)?),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(0)

@@ -1,0 +1,461 @@
+//! `cargo xtask fuzz`: builds the cargo-fuzz targets in `fuzz/` once and
+//! runs each for a fixed time, then says per target how far it got and
+//! whether it found anything.
+//!
+//! The targets need the nightly toolchain (cargo-fuzz builds with
+//! `-Zsanitizer=address`) and cargo-fuzz, which this installs from
+//! crates.io when it is missing. New corpus entries go to
+//! `fuzz/target/xtask-corpus/<target>/` (kept between local runs, never in
+//! the repository); the committed seeds in `fuzz/corpus/<target>/` are only
+//! read. Crashes, timeouts and out-of-memory inputs land in
+//! `fuzz/artifacts/<target>/`, as with `cargo fuzz run`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::util::{self, bail, Context, Result};
+
+/// Seconds each target runs unless `--seconds` says otherwise.
+pub const DEFAULT_SECONDS: u64 = 20;
+/// libFuzzer's memory limit per target process.
+const RSS_LIMIT_MB: u32 = 2048;
+/// libFuzzer's limit for one input, in seconds (a hang is a finding).
+const INPUT_TIMEOUT_SECS: u32 = 10;
+/// Lines of a failed run's log shown (the panic and the top of its
+/// stack; the log has the rest).
+const FAILURE_TAIL_LINES: usize = 16;
+
+pub struct FuzzOptions {
+    pub seconds: u64,
+    /// Targets to run; empty means all of them.
+    pub targets: Vec<String>,
+}
+
+/// What one target's run came to.
+struct Outcome {
+    target: String,
+    /// `None` when libFuzzer printed no final stats (it died early).
+    execs: Option<u64>,
+    cov: Option<u64>,
+    ft: Option<u64>,
+    corpus: Option<u64>,
+    /// `ok`, or what libFuzzer found.
+    result: String,
+    failed: bool,
+    artifact: Option<String>,
+    log: PathBuf,
+    seconds: f64,
+}
+
+/// `[--seconds N] [TARGET...]`.
+pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
+    let mut options = FuzzOptions {
+        seconds: DEFAULT_SECONDS,
+        targets: Vec::new(),
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let value = if arg == "--seconds" {
+            args.next().map(String::as_str)
+        } else if let Some(v) = arg.strip_prefix("--seconds=") {
+            Some(v)
+        } else if arg.starts_with('-') {
+            bail!("`cargo xtask fuzz` has no option {arg}: it takes [--seconds N] [TARGET...]");
+        } else {
+            options.targets.push(arg.clone());
+            continue;
+        };
+        options.seconds = match value.map(str::parse::<u64>) {
+            Some(Ok(n)) if n > 0 => n,
+            _ => bail!("--seconds takes a positive number of seconds"),
+        };
+    }
+    Ok(options)
+}
+
+pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
+    let start = Instant::now();
+    let fuzz_dir = util::workspace_root().join("fuzz");
+    check_nightly()?;
+    ensure_cargo_fuzz()?;
+
+    let all = list_targets()?;
+    let targets = if options.targets.is_empty() {
+        all.clone()
+    } else {
+        for t in &options.targets {
+            if !all.contains(t) {
+                bail!(
+                    "there is no fuzz target `{t}`: the targets are {}",
+                    all.join(", ")
+                );
+            }
+        }
+        options.targets.clone()
+    };
+
+    let mut build = nightly_cargo();
+    build.args(["fuzz", "build"]);
+    let build_start = Instant::now();
+    util::run(
+        &mut build,
+        "the fuzz targets do not build: fix the errors above (they use dormouse's test-utils \
+         helpers, so a changed device API shows up here)",
+    )?;
+    util::say(format!(
+        "fuzz: built {} targets in {}",
+        all.len(),
+        util::secs(build_start.elapsed())
+    ));
+
+    let logs = fuzz_dir.join("target").join("xtask-logs");
+    util::mkdir(&logs)?;
+    let mut outcomes = Vec::new();
+    for target in &targets {
+        outcomes.push(run_target(&fuzz_dir, &logs, target, options.seconds)?);
+    }
+
+    util::say(format!(
+        "fuzz: {} targets, {}s each, {} in all",
+        outcomes.len(),
+        options.seconds,
+        util::secs(start.elapsed())
+    ));
+    let show = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+    for o in &outcomes {
+        util::say(format!(
+            "  {:<16} {:>9} execs  cov {:>5}  ft {:>6}  corpus {:>5}  {:>5.1}s  {}",
+            o.target,
+            show(o.execs),
+            show(o.cov),
+            show(o.ft),
+            show(o.corpus),
+            o.seconds,
+            o.result
+        ));
+    }
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failed).collect();
+    for o in &failed {
+        util::say(format!("fuzz: {} FAILED: {}", o.target, o.result));
+        print_tail(&o.log);
+        util::say(format!("  full log: {}", o.log.display()));
+        match &o.artifact {
+            Some(artifact) => {
+                util::say(format!("  input: {artifact}"));
+                util::say(format!(
+                    "  reproduce: cargo +nightly fuzz run {} {artifact}",
+                    o.target
+                ));
+                util::say(format!(
+                    "  minimize:  cargo +nightly fuzz tmin {} {artifact}",
+                    o.target
+                ));
+            }
+            None => util::say("  (libFuzzer wrote no input; see the log)"),
+        }
+    }
+    if failed.is_empty() {
+        util::say("fuzz: no findings");
+        Ok(0)
+    } else {
+        util::say(format!(
+            "fuzz: {} of {} targets found a problem (details above)",
+            failed.len(),
+            outcomes.len()
+        ));
+        Ok(1)
+    }
+}
+
+/// rustup's `cargo` proxy, so that `+nightly` works (the `CARGO` xtask
+/// runs under is a toolchain's own cargo, which does not take it), without
+/// the variables `cargo run` set for xtask.
+fn rustup_cargo() -> Command {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let proxy = cargo_home
+        .map(|h| h.join("bin").join("cargo"))
+        .filter(|p| p.is_file())
+        .map_or_else(|| "cargo".into(), PathBuf::into_os_string);
+    let mut cmd = Command::new(proxy);
+    for (name, _) in std::env::vars_os() {
+        let name_str = name.to_string_lossy();
+        if name_str == "CARGO"
+            || name_str == "RUSTUP_TOOLCHAIN"
+            || name_str == "RUSTC"
+            || name_str == "RUSTDOC"
+            || name_str == "LD_LIBRARY_PATH"
+            || name_str.starts_with("CARGO_PKG_")
+            || name_str.starts_with("CARGO_MANIFEST_")
+            || name_str.starts_with("CARGO_BIN_")
+            || name_str.starts_with("CARGO_CRATE_")
+            || name_str == "CARGO_PRIMARY_PACKAGE"
+        {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.current_dir(util::workspace_root());
+    cmd
+}
+
+/// `cargo +nightly` at the workspace root.
+fn nightly_cargo() -> Command {
+    let mut cmd = rustup_cargo();
+    cmd.arg("+nightly");
+    cmd
+}
+
+fn check_nightly() -> Result<()> {
+    let mut cmd = nightly_cargo();
+    cmd.arg("--version");
+    util::capture(
+        &mut cmd,
+        "the fuzz targets need rustup's nightly toolchain (cargo-fuzz builds with \
+         -Zsanitizer=address); install it with `rustup toolchain install nightly`",
+    )
+    .map(|_| ())
+}
+
+/// Installs cargo-fuzz from crates.io unless `cargo fuzz` already works.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let mut probe = nightly_cargo();
+    probe.args(["fuzz", "--version"]);
+    if let Ok(version) = util::capture(&mut probe, "") {
+        util::say(format!("fuzz: using {}", version.trim()));
+        return Ok(());
+    }
+    util::say("fuzz: cargo-fuzz is missing; installing it from crates.io (about a minute)");
+    let start = Instant::now();
+    let mut install = rustup_cargo();
+    install.args(["install", "cargo-fuzz", "--locked"]);
+    util::run(
+        &mut install,
+        "installing cargo-fuzz failed: check that crates.io is reachable, or install it by hand \
+         with `cargo install cargo-fuzz --locked`",
+    )?;
+    util::say(format!(
+        "fuzz: installed cargo-fuzz in {}",
+        util::secs(start.elapsed())
+    ));
+    Ok(())
+}
+
+/// The targets `fuzz/Cargo.toml` declares.
+fn list_targets() -> Result<Vec<String>> {
+    let mut cmd = nightly_cargo();
+    cmd.args(["fuzz", "list"]);
+    let out = util::capture(
+        &mut cmd,
+        "`cargo fuzz list` failed: is fuzz/Cargo.toml intact?",
+    )?;
+    let targets: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    if targets.is_empty() {
+        bail!("fuzz/Cargo.toml declares no fuzz targets");
+    }
+    Ok(targets)
+}
+
+fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, seconds: u64) -> Result<Outcome> {
+    let work_corpus = fuzz_dir.join("target").join("xtask-corpus").join(target);
+    let seeds = fuzz_dir.join("corpus").join(target);
+    util::mkdir(&work_corpus)?;
+    util::mkdir(&seeds)?;
+    let log = logs.join(format!("{target}.log"));
+    let file = File::create(&log).context(|| format!("cannot create {}", log.display()))?;
+    let file2 = file
+        .try_clone()
+        .context(|| format!("cannot reopen {}", log.display()))?;
+
+    let mut cmd = nightly_cargo();
+    cmd.args(["fuzz", "run", target])
+        .arg(&work_corpus)
+        .arg(&seeds)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
+        .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
+        .arg("-print_final_stats=1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(file2));
+    util::announce(&cmd);
+    let start = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| util::spawn_error(cmd.get_program(), e))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut outcome = parse_log(target, &text, status.success());
+    if !status.success() && !outcome.failed {
+        outcome.failed = true;
+        outcome.result = format!("cargo fuzz run failed ({})", util::status_text(status));
+    }
+    outcome.log = log;
+    outcome.seconds = seconds;
+    Ok(outcome)
+}
+
+/// Reads libFuzzer's output: the last status line's cov/ft/corpus, the
+/// final stats, and what went wrong if anything did.
+fn parse_log(target: &str, text: &str, success: bool) -> Outcome {
+    let mut o = Outcome {
+        target: target.to_string(),
+        execs: None,
+        cov: None,
+        ft: None,
+        corpus: None,
+        result: "ok".to_string(),
+        failed: !success,
+        artifact: None,
+        log: PathBuf::new(),
+        seconds: 0.0,
+    };
+    let mut last_execs = None;
+    for line in text.lines() {
+        // "#22170	DONE   cov: 1021 ft: 4087 corp: 236/3046b lim: 38 ..."
+        if line.starts_with('#') && line.contains("cov: ") {
+            last_execs = line[1..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok());
+            o.cov = field(line, "cov:").or(o.cov);
+            o.ft = field(line, "ft:").or(o.ft);
+            o.corpus = field(line, "corp:").or(o.corpus);
+        }
+        if let Some(rest) = line.strip_prefix("stat::number_of_executed_units:") {
+            o.execs = rest.trim().parse().ok();
+        }
+        if let Some(at) = line.find("Test unit written to ") {
+            o.artifact = Some(
+                line[at + "Test unit written to ".len()..]
+                    .trim()
+                    .to_string(),
+            );
+        }
+        let finding = if line.contains("ERROR: libFuzzer: timeout") {
+            Some("timeout (an input ran too long)")
+        } else if line.contains("ERROR: libFuzzer: out-of-memory") {
+            Some("out of memory")
+        } else if line.contains("ERROR: AddressSanitizer") {
+            Some("memory error (AddressSanitizer)")
+        } else if line.contains("panicked at") {
+            Some("panic")
+        } else if line.contains("ERROR: libFuzzer: deadly signal") {
+            Some("crash")
+        } else {
+            None
+        };
+        // The first finding names it (a panic also ends in "deadly signal").
+        if let Some(f) = finding {
+            if o.result == "ok" {
+                o.result = f.to_string();
+            }
+            o.failed = true;
+        }
+    }
+    if o.execs.is_none() {
+        o.execs = last_execs;
+    }
+    if o.failed && o.result == "ok" {
+        o.result = "failed".to_string();
+    }
+    o
+}
+
+/// The number after `key` in a libFuzzer status line (`corp: 236/3046b`
+/// gives 236).
+fn field(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn print_tail(log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    // From the first line that says what happened, if there is one.
+    let first = lines
+        .iter()
+        .position(|l| l.contains("panicked at") || l.contains("ERROR: "))
+        .unwrap_or(lines.len().saturating_sub(FAILURE_TAIL_LINES));
+    for line in lines.iter().skip(first).take(FAILURE_TAIL_LINES) {
+        println!("    {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = parse_args(&words(&[])).unwrap();
+        assert_eq!((o.seconds, o.targets.len()), (DEFAULT_SECONDS, 0));
+        let o = parse_args(&words(&["--seconds", "5", "virtio_blk", "--seconds=7"])).unwrap();
+        assert_eq!((o.seconds, o.targets), (7, vec!["virtio_blk".to_string()]));
+        assert!(parse_args(&words(&["--seconds"])).is_err());
+        assert!(parse_args(&words(&["--seconds", "0"])).is_err());
+        assert!(parse_args(&words(&["--jobs", "2"])).is_err());
+    }
+
+    #[test]
+    fn a_clean_run_is_parsed() {
+        let log = "\
+INFO: Seed: 1
+#2\tINITED cov: 100 ft: 120 corp: 4/200b exec/s: 0 rss: 50Mb
+#22170\tDONE   cov: 1021 ft: 4087 corp: 236/3046b lim: 38 exec/s: 715 rss: 251Mb
+Done 22170 runs in 31 second(s)
+stat::number_of_executed_units: 22170
+stat::average_exec_per_sec:     715
+";
+        let o = parse_log("t", log, true);
+        assert!(!o.failed);
+        assert_eq!(o.result, "ok");
+        assert_eq!(
+            (o.execs, o.cov, o.ft, o.corpus),
+            (Some(22170), Some(1021), Some(4087), Some(236))
+        );
+    }
+
+    #[test]
+    fn a_panic_is_parsed_with_its_artifact() {
+        let log = "\
+#1024\tpulse  cov: 900 ft: 2000 corp: 50/1kb exec/s: 500 rss: 200Mb
+thread '<unnamed>' panicked at fuzz_targets/x.rs:1:1:
+boom
+==1== ERROR: libFuzzer: deadly signal
+artifact_prefix='/r/fuzz/artifacts/t/'; Test unit written to /r/fuzz/artifacts/t/crash-abc
+stat::number_of_executed_units: 1030
+";
+        let o = parse_log("t", log, false);
+        assert!(o.failed);
+        assert_eq!(o.result, "panic");
+        assert_eq!(o.artifact.as_deref(), Some("/r/fuzz/artifacts/t/crash-abc"));
+        assert_eq!((o.execs, o.cov), (Some(1030), Some(900)));
+
+        let o = parse_log(
+            "t",
+            "==2== ERROR: libFuzzer: timeout after 10 seconds\n",
+            false,
+        );
+        assert_eq!(o.result, "timeout (an input ran too long)");
+        let o = parse_log(
+            "t",
+            "==3== ERROR: libFuzzer: out-of-memory (used: 2100Mb)\n",
+            false,
+        );
+        assert_eq!(o.result, "out of memory");
+    }
+}
