@@ -37,6 +37,11 @@ pub const MAX_PAYLOAD: u64 = 64 << 20;
 
 const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
+/// CRC-64/XZ of `bytes`, as state files carry it.
+pub fn crc64(bytes: &[u8]) -> u64 {
+    CRC.checksum(bytes)
+}
+
 /// A parsed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -121,7 +126,7 @@ pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
         minor: MINOR,
         arch: ARCH_AARCH64,
         payload_len: payload.len() as u64,
-        crc64: CRC.checksum(&payload),
+        crc64: crc64(&payload),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&header.write());
@@ -141,7 +146,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
             found: bytes.len() as u64,
         });
     }
-    let crc = CRC.checksum(payload);
+    let crc = crc64(payload);
     if crc != header.crc64 {
         return Err(SnapshotError::Corrupt {
             expected: header.crc64,

@@ -344,11 +344,18 @@ pub fn read_state(dir: &Path) -> Result<VmState, SnapshotError> {
         },
     })?;
     let state: VmState = format::decode(&bytes)?;
-    check_consistent(&state)?;
+    state.validate()?;
     Ok(state)
 }
 
-/// Checks what a decoded state says about itself.
+impl VmState {
+    /// Checks what a decoded state says about itself (counts, sizes, diff
+    /// page runs). [`read_state`] does this for every file it reads.
+    pub fn validate(&self) -> Result<(), SnapshotError> {
+        check_consistent(self)
+    }
+}
+
 fn check_consistent(state: &VmState) -> Result<(), SnapshotError> {
     let bad = |m: String| Err(SnapshotError::Inconsistent(m));
     if state.vcpus.len() != state.config.vcpus as usize {
@@ -505,7 +512,16 @@ pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
     let bytes = format::encode(&merged)?;
     write_dir(out, &bytes, |file| {
         let (base, diffs) = layers.split_at_mut(1);
-        io::copy(&mut base[0].memory, file)?;
+        // Exactly the memory the layout covers: a memory file may be longer
+        // (restore maps only the regions), the merged one is not.
+        let len = base[0]
+            .state
+            .memory
+            .iter()
+            .map(|r| r.file_offset.saturating_add(r.size))
+            .max()
+            .unwrap_or(0);
+        io::copy(&mut io::Read::take(&mut base[0].memory, len), file)?;
         let mut buf = vec![0u8; 1 << 20];
         for layer in diffs {
             let runs = layer.state.diff.as_deref().unwrap_or_default();
