@@ -593,3 +593,46 @@ mod aarch64 {
         Ok(vm)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    #[test]
+    fn the_diff_writer_puts_each_run_at_its_own_offset_and_leaves_holes() {
+        const PAGE: u64 = 4096;
+        const PAGE_BYTES: usize = 4096;
+        let mem = crate::memory::create(16 * PAGE).unwrap();
+        for page in 0..16u64 {
+            let fill = [u8::try_from(page).unwrap() + 1; PAGE_BYTES];
+            mem.write_slice(&fill, GuestAddress(crate::DRAM_START.0 + page * PAGE))
+                .unwrap();
+        }
+        let path = std::env::temp_dir().join(format!("dormouse-diffw-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        let runs = vec![vec![(1, 2), (9, 1)]];
+        write_diff_memory(&mem, 16 * PAGE, &runs, &mut file).unwrap();
+        drop(file);
+
+        let file = std::fs::File::open(&path).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 16 * PAGE, "full size");
+        let mut page = vec![0u8; PAGE_BYTES];
+        for n in 0..16u64 {
+            file.read_exact_at(&mut page, n * PAGE).unwrap();
+            let want = if [1, 2, 9].contains(&n) {
+                u8::try_from(n).unwrap() + 1
+            } else {
+                0 // a hole
+            };
+            assert!(page.iter().all(|&b| b == want), "page {n}");
+        }
+        // The pages outside the runs take no disk space.
+        use std::os::unix::fs::MetadataExt;
+        assert!(file.metadata().unwrap().blocks() * 512 < 16 * PAGE);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
