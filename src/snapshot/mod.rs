@@ -403,10 +403,15 @@ fn check_consistent(state: &VmState) -> Result<(), SnapshotError> {
             }
         }
     }
-    let total: u64 = state.memory.iter().map(|r| r.size).sum();
-    if total != state.config.memory_size || state.memory.is_empty() {
+    // Checked: the sizes come from a file (found by the snapshot_state
+    // fuzz target: a wrapping sum could even match the VM's size).
+    let total = state
+        .memory
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r.size));
+    if total != Some(state.config.memory_size) || state.memory.is_empty() {
         return bad(format!(
-            "memory regions add up to {total} bytes, the VM has {}",
+            "memory regions add up to {total:?} bytes, the VM has {}",
             state.config.memory_size
         ));
     }
