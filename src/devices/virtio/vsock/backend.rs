@@ -69,6 +69,18 @@ pub(crate) struct Backend {
     listener_paused: bool,
 }
 
+/// Where a device starts handing out host-side ports: a random point in
+/// [LOCAL_PORT_START, u32::MAX]. A device restored from a snapshot must not
+/// reuse the ports its predecessor used: the guest may still hold sockets
+/// for them until it has processed the transport reset, and would answer a
+/// new REQUEST on the same port pair with RST.
+fn first_local_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    // Without randomness, fall back to the start of the range.
+    let _ = crate::vm::host_random(&mut bytes);
+    LOCAL_PORT_START + (u32::from_le_bytes(bytes) % (u32::MAX - LOCAL_PORT_START))
+}
+
 impl Backend {
     pub(crate) fn new(listener: UnixListener, uds_path: &Path, guest_cid: u64) -> Self {
         Self {
@@ -79,7 +91,7 @@ impl Backend {
             conns: HashMap::new(),
             by_ports: HashMap::new(),
             next_key: FIRST_CONN_KEY,
-            next_local_port: LOCAL_PORT_START,
+            next_local_port: first_local_port(),
             rst_queue: VecDeque::new(),
             rx_ready: VecDeque::new(),
             dirty: Vec::new(),
@@ -435,5 +447,18 @@ impl Backend {
     #[cfg(test)]
     pub(crate) fn graveyard_len(&self) -> usize {
         self.graveyard.len()
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn each_device_starts_its_host_ports_somewhere_else() {
+        let starts: std::collections::HashSet<u32> = (0..8).map(|_| first_local_port()).collect();
+        assert!(starts.iter().all(|&p| p >= LOCAL_PORT_START));
+        // Eight draws from 2^31 values: a repeat would mean no randomness.
+        assert!(starts.len() > 1, "every device starts at the same port");
     }
 }
