@@ -90,6 +90,8 @@ mod aarch64 {
 
     pub fn benches(c: &mut Criterion) {
         let root = root();
+        // A clean start: an earlier run may have stopped half way.
+        let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::create_dir_all(&root);
         let mut generation = 0;
 

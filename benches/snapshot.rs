@@ -68,6 +68,10 @@ mod aarch64 {
 
     pub fn benches(c: &mut Criterion) {
         let sizes = sizes();
+        // A clean start: an earlier run may have stopped half way.
+        for &mib in &sizes {
+            let _ = std::fs::remove_dir_all(dir(mib));
+        }
         let mut floor = c.benchmark_group("floor_build");
         floor.sample_size(20).warm_up_time(Duration::from_secs(1));
         for &mib in &sizes {
