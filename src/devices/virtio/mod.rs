@@ -130,6 +130,19 @@ impl Interrupt {
     }
 }
 
+/// Copies `data.len()` bytes of a device's config space from `offset`; a
+/// read not wholly inside `config` reads as zeros (guest controlled).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..))
+        .and_then(|rest| rest.get(..data.len()));
+    match src {
+        Some(src) => data.copy_from_slice(src),
+        None => data.fill(0),
+    }
+}
+
 /// Why a device refused activation.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

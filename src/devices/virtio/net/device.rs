@@ -439,14 +439,7 @@ impl VirtioDevice for Net {
         // The link is always up.
         let status = u16::try_from(VIRTIO_NET_S_LINK_UP).unwrap_or(1);
         config[6..].copy_from_slice(&status.to_le_bytes());
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| config.get(start..))
-            .and_then(|rest| rest.get(..data.len()));
-        match src {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        super::super::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

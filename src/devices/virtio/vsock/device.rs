@@ -450,12 +450,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.guest_cid.to_le_bytes();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match config.get(start..).and_then(|c| c.get(..data.len())) {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        super::super::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
