@@ -175,9 +175,14 @@ mod aarch64 {
         serial_input: Option<SerialInput>,
     ) -> Result<MicroVm, Error> {
         let event_loop = devices.start_event_loop()?;
-        if !event_loop.pause() {
-            return Err(Error::Internal("the device event loop ended at start-up"));
-        }
+        event_loop
+            .pause_within(crate::DEFAULT_PAUSE_DEADLINE)
+            .map_err(|e| match e {
+                crate::event_loop::PauseError::Failed(f) => Error::DeviceThread(f),
+                crate::event_loop::PauseError::Stuck { .. } => {
+                    Error::Internal("the device event loop did not park at start-up")
+                }
+            })?;
         let (serial, _) = devices
             .serial
             .ok_or(Error::Internal("the console UART was not attached"))?;
@@ -228,6 +233,12 @@ mod aarch64 {
             std::mem::take(&mut config.virtio),
         )?;
 
+        for (base, len, device) in std::mem::take(&mut config.test_hooks.mmio) {
+            devices.bus.insert(base, len, device)?;
+        }
+        for (name, subscriber) in std::mem::take(&mut config.test_hooks.io) {
+            devices.add_subscriber(name, subscriber);
+        }
         let (entry, x0) = load_boot_source(&core, &devices, &config)?;
         regs::set_boot_registers(core.vcpus[0].fd(), 0, entry.0, x0)?;
 

@@ -129,6 +129,17 @@ pub struct MicroVmBuilder {
     pub(crate) dirty_ring: bool,
     pub(crate) virtio: Vec<VirtioConfig>,
     pub(crate) kvm_device: PathBuf,
+    pub(crate) test_hooks: TestHooks,
+}
+
+/// Extra devices that dormouse's own tests attach to reach failure paths a
+/// healthy guest cannot (a device stuck on a vCPU thread, a device panic on
+/// the I/O thread). Not saved in snapshots.
+#[derive(Default)]
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+pub(crate) struct TestHooks {
+    pub mmio: Vec<(u64, u64, crate::bus::SharedDevice)>,
+    pub io: Vec<(String, crate::event_loop::Subscriber)>,
 }
 
 impl std::fmt::Debug for MicroVmBuilder {
@@ -162,6 +173,7 @@ impl Default for MicroVmBuilder {
             dirty_ring: true,
             virtio: Vec::new(),
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            test_hooks: TestHooks::default(),
         }
     }
 }
@@ -398,6 +410,32 @@ impl MicroVmBuilder {
         cstring
             .into_string()
             .map_err(|e| ConfigError::InvalidCmdline(e.to_string()))
+    }
+
+    /// Test hook, not a supported API: puts `device` on the MMIO bus at
+    /// `[base, base + len)` (outside RAM and dormouse's own devices). Its
+    /// handlers run on vCPU threads. Not saved in snapshots.
+    #[doc(hidden)]
+    pub fn test_hook_mmio_device(
+        mut self,
+        base: u64,
+        len: u64,
+        device: crate::bus::SharedDevice,
+    ) -> Self {
+        self.test_hooks.mmio.push((base, len, device));
+        self
+    }
+
+    /// Test hook, not a supported API: runs `subscriber` on the VM's device
+    /// I/O thread, named `name` in failure reports. Not saved in snapshots.
+    #[doc(hidden)]
+    pub fn test_hook_io_subscriber(
+        mut self,
+        name: impl Into<String>,
+        subscriber: crate::event_loop::Subscriber,
+    ) -> Self {
+        self.test_hooks.io.push((name.into(), subscriber));
+        self
     }
 
     /// Validates the configuration, creates the VM, and leaves it ready to

@@ -97,7 +97,7 @@ pub struct DeviceManager {
     pub virtio: Vec<MmioDeviceInfo>,
     /// Each virtio transport, in attach order.
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
-    subscribers: Vec<Subscriber>,
+    subscribers: Vec<(String, Subscriber)>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -223,7 +223,14 @@ impl DeviceManager {
         )));
         self.bus.insert(base.0, MMIO_SIZE, transport.clone())?;
         self.transports.push(transport);
-        self.subscribers.push(device.clone());
+        let name = {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            format!(
+                "{} (virtio slot {index})",
+                crate::devices::virtio::device_type_name(dev.device_type())
+            )
+        };
+        self.subscribers.push((name, device.clone()));
         self.virtio.push(MmioDeviceInfo {
             base,
             size: MMIO_SIZE,
@@ -232,8 +239,16 @@ impl DeviceManager {
         Ok(device)
     }
 
+    /// Adds a subscriber of the caller's to the event loop (test hooks).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) fn add_subscriber(&mut self, name: String, subscriber: Subscriber) {
+        self.subscribers.push((name, subscriber));
+    }
+
     /// Starts the event loop over every attached device's I/O.
     pub fn start_event_loop(&mut self) -> Result<EventLoop, DeviceError> {
-        Ok(EventLoop::start(std::mem::take(&mut self.subscribers))?)
+        Ok(EventLoop::start_named(std::mem::take(
+            &mut self.subscribers,
+        ))?)
     }
 }

@@ -50,6 +50,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod dirty;
 pub mod event_loop;
+pub mod log_limit;
 pub mod memory;
 mod microvm;
 pub mod snapshot;
@@ -58,7 +59,7 @@ pub mod vm;
 
 pub use arch::aarch64::layout::DRAM_START;
 pub use builder::{ConfigError, MicroVmBuilder};
-pub use microvm::{MicroVm, VmState};
+pub use microvm::{MicroVm, VmState, DEFAULT_PAUSE_DEADLINE};
 pub use vcpu::ExitReason;
 pub use vm_memory::GuestAddress;
 
@@ -104,6 +105,31 @@ pub enum Error {
     /// A vCPU failed earlier; the VM cannot run again.
     #[error("the VM failed earlier and cannot run again; build or restore a new one")]
     VmFailed,
+    /// The device I/O thread failed (a device panicked, or its event loop
+    /// broke): the VM was stopped and cannot run again.
+    #[error(
+        "the VM's device I/O thread failed, so the VM was stopped; build or restore a new one"
+    )]
+    DeviceThread(#[source] event_loop::IoFailure),
+    /// A pause ran out of time: the named vCPUs or device did not stop.
+    #[error(
+        "the VM did not pause within {deadline:?}: {}{}; call pause() again to finish, or drop \
+         the VM",
+        if .vcpus.is_empty() { String::new() } else { format!("vCPUs {:?} still running", .vcpus) },
+        .device.as_ref().map(|d| format!("device I/O thread busy in {d}")).unwrap_or_default()
+    )]
+    PauseTimeout {
+        /// The deadline that ran out.
+        deadline: std::time::Duration,
+        /// vCPUs that had not stopped.
+        vcpus: Vec<u32>,
+        /// The device (or the device thread) that had not stopped, when
+        /// every vCPU had.
+        device: Option<String>,
+    },
+    /// A pause timed out earlier and has not been completed.
+    #[error("an earlier pause timed out and is still pending: call pause() again to finish it")]
+    PauseIncomplete,
     /// Dirty-page tracking failed.
     #[error(transparent)]
     Dirty(#[from] dirty::DirtyError),

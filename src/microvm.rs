@@ -9,9 +9,16 @@
 //! Paused means every vCPU thread has stopped (any in-flight MMIO completed)
 //! and the device event loop is parked: nothing changes guest memory or
 //! device state, which is what [`MicroVm::snapshot`] needs.
+//!
+//! A pause has a deadline ([`MicroVm::pause_within`]). One that runs out
+//! leaves the VM [`VmState::Pausing`] and names the vCPUs or the device that
+//! did not stop; calling `pause` again finishes it. If the device I/O thread
+//! fails (a device panics, or its event loop breaks), the VM becomes
+//! [`VmState::Failed`] and `wait` and `pause` return
+//! [`Error::DeviceThread`] naming the cause.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
@@ -20,7 +27,7 @@ use crate::bus::MmioBus;
 use crate::devices::rtc::RtcDevice;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, PauseError};
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::SavedConfig;
 use crate::vcpu::{ExitReason, Vcpu, VcpuThreads};
@@ -33,15 +40,31 @@ pub enum VmState {
     Paused,
     /// vCPUs are running the guest.
     Running,
+    /// A pause ran out of time before every vCPU and device stopped; call
+    /// [`MicroVm::pause`] again to finish it.
+    Pausing,
     /// The guest stopped the VM (power-off, reset).
     Stopped(ExitReason),
-    /// A vCPU failed; the VM cannot run again.
+    /// A vCPU or the device I/O thread failed; the VM cannot run again.
     Failed,
 }
+
+/// How long [`MicroVm::pause`] waits for every vCPU and device to stop.
+pub const DEFAULT_PAUSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long dropping a running VM waits for its vCPU threads before it
+/// leaves stuck ones behind.
+const DROP_GRACE: Duration = Duration::from_secs(5);
+
+/// How often `wait` looks at the device I/O thread's health.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
 
 pub(crate) enum RunState {
     Paused,
     Running(VcpuThreads),
+    /// A pause timed out: the threads still to stop, if any (then the
+    /// device loop is what remains to park).
+    Pausing(Option<VcpuThreads>),
     Stopped(ExitReason),
     Failed,
 }
@@ -121,7 +144,9 @@ impl MicroVm {
     pub fn state(&self) -> VmState {
         match &self.run {
             RunState::Paused => VmState::Paused,
+            RunState::Running(_) if self.event_loop.failure().is_some() => VmState::Failed,
             RunState::Running(_) => VmState::Running,
+            RunState::Pausing(_) => VmState::Pausing,
             RunState::Stopped(reason) => VmState::Stopped(*reason),
             RunState::Failed => VmState::Failed,
         }
@@ -144,6 +169,7 @@ impl MicroVm {
     fn not_runnable(&self) -> Error {
         match self.run {
             RunState::Stopped(reason) => Error::AlreadyStopped(reason),
+            RunState::Pausing(_) => Error::PauseIncomplete,
             _ => Error::VmFailed,
         }
     }
@@ -177,34 +203,71 @@ impl MicroVm {
 
     /// Pauses a running VM: stops every vCPU at a clean point, then parks the
     /// device event loop. Pausing a paused VM does nothing. If the guest
-    /// stopped the VM meanwhile, that is the error.
+    /// stopped the VM meanwhile, that is the error. Waits at most
+    /// [`DEFAULT_PAUSE_DEADLINE`]; see [`pause_within`](Self::pause_within).
     pub fn pause(&mut self) -> Result<(), Error> {
-        match std::mem::replace(&mut self.run, RunState::Paused) {
-            RunState::Running(threads) => {
-                let stopped = threads.stop();
-                self.vcpus = stopped.vcpus;
-                if !self.event_loop.pause() {
-                    self.run = RunState::Failed;
-                    return Err(Error::Internal("the device event loop has stopped"));
-                }
-                match stopped.outcome {
-                    None => Ok(()),
-                    Some(Ok(reason)) => {
-                        self.run = RunState::Stopped(reason);
-                        Err(Error::AlreadyStopped(reason))
-                    }
-                    Some(Err(e)) => {
-                        self.run = RunState::Failed;
-                        Err(e.into())
-                    }
-                }
-            }
+        self.pause_within(DEFAULT_PAUSE_DEADLINE)
+    }
+
+    /// Like [`pause`](Self::pause), waiting at most `deadline` for every
+    /// vCPU and the device I/O thread to stop. If one did not,
+    /// [`Error::PauseTimeout`] names it and the VM is left
+    /// [`VmState::Pausing`]: the stop stays requested, and calling `pause`
+    /// again (once whatever held it up lets go) completes the pause.
+    pub fn pause_within(&mut self, deadline: Duration) -> Result<(), Error> {
+        let until = Instant::now() + deadline;
+        let threads = match std::mem::replace(&mut self.run, RunState::Paused) {
+            RunState::Running(threads) => Some(threads),
+            RunState::Pausing(threads) => threads,
             other => {
                 self.run = other;
-                match self.run {
+                return match self.run {
                     RunState::Paused => Ok(()),
                     _ => Err(self.not_runnable()),
+                };
+            }
+        };
+        let mut outcome = None;
+        if let Some(threads) = threads {
+            match threads.stop_within(deadline) {
+                Ok(stopped) => {
+                    self.vcpus = stopped.vcpus;
+                    outcome = stopped.outcome;
                 }
+                Err((threads, vcpus)) => {
+                    self.run = RunState::Pausing(Some(threads));
+                    return Err(Error::PauseTimeout {
+                        deadline,
+                        vcpus,
+                        device: None,
+                    });
+                }
+            }
+        }
+        let parked = self
+            .event_loop
+            .pause_within(until.saturating_duration_since(Instant::now()));
+        match (outcome, parked) {
+            (Some(Ok(reason)), _) => {
+                self.run = RunState::Stopped(reason);
+                Err(Error::AlreadyStopped(reason))
+            }
+            (Some(Err(e)), _) => {
+                self.run = RunState::Failed;
+                Err(e.into())
+            }
+            (None, Ok(())) => Ok(()),
+            (None, Err(PauseError::Failed(failure))) => {
+                self.run = RunState::Failed;
+                Err(Error::DeviceThread(failure))
+            }
+            (None, Err(PauseError::Stuck { device })) => {
+                self.run = RunState::Pausing(None);
+                Err(Error::PauseTimeout {
+                    deadline,
+                    vcpus: Vec::new(),
+                    device: Some(device.unwrap_or_else(|| "the device I/O thread".into())),
+                })
             }
         }
     }
@@ -223,26 +286,49 @@ impl MicroVm {
     /// Like [`wait`](Self::wait), but gives up after `timeout` with
     /// `Ok(None)`, leaving the VM running.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitReason>, Error> {
-        let RunState::Running(threads) = &self.run else {
-            return Err(match self.run {
-                RunState::Paused => Error::NotRunning,
-                _ => self.not_runnable(),
-            });
-        };
-        let Some(outcome) = threads.wait(Some(timeout)) else {
-            return Ok(None);
-        };
-        let RunState::Running(threads) = std::mem::replace(&mut self.run, RunState::Failed) else {
-            return Err(Error::Internal(
-                "the VM left the running state while waited on",
-            ));
-        };
-        // The report `wait` returned is the outcome; `stop` only collects
-        // the vCPUs (and would only add later reports).
-        self.vcpus = threads.stop().vcpus;
-        let reason = outcome?;
-        self.run = RunState::Stopped(reason);
-        Ok(Some(reason))
+        let until = Instant::now() + timeout;
+        loop {
+            let RunState::Running(threads) = &self.run else {
+                return Err(match self.run {
+                    RunState::Paused => Error::NotRunning,
+                    _ => self.not_runnable(),
+                });
+            };
+            if let Some(failure) = self.event_loop.failure() {
+                // The devices are gone: stop the guest rather than let it
+                // run on against dead queues.
+                if let RunState::Running(threads) =
+                    std::mem::replace(&mut self.run, RunState::Failed)
+                {
+                    match threads.stop_within(DROP_GRACE) {
+                        Ok(stopped) => self.vcpus = stopped.vcpus,
+                        Err((threads, _)) => threads.detach(),
+                    }
+                }
+                return Err(Error::DeviceThread(failure));
+            }
+            let slice = until
+                .saturating_duration_since(Instant::now())
+                .min(HEALTH_POLL);
+            let Some(outcome) = threads.wait(Some(slice)) else {
+                if Instant::now() >= until {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let RunState::Running(threads) = std::mem::replace(&mut self.run, RunState::Failed)
+            else {
+                return Err(Error::Internal(
+                    "the VM left the running state while waited on",
+                ));
+            };
+            // The report `wait` returned is the outcome; `stop` only collects
+            // the vCPUs (and would only add later reports).
+            self.vcpus = threads.stop().vcpus;
+            let reason = outcome?;
+            self.run = RunState::Stopped(reason);
+            return Ok(Some(reason));
+        }
     }
 
     /// Runs the guest until it powers off, resets, or a vCPU fails:
@@ -256,8 +342,15 @@ impl MicroVm {
 
 impl Drop for MicroVm {
     fn drop(&mut self) {
-        if let RunState::Running(threads) = std::mem::replace(&mut self.run, RunState::Failed) {
-            drop(threads.stop());
+        let threads = match std::mem::replace(&mut self.run, RunState::Failed) {
+            RunState::Running(threads) | RunState::Pausing(Some(threads)) => threads,
+            _ => return,
+        };
+        if let Err((threads, stuck)) = threads.stop_within(DROP_GRACE) {
+            // Each thread owns its vCPU fd and handles to the bus and guest
+            // memory, so leaving it behind frees nothing it uses.
+            log::error!("vCPUs {stuck:?} did not stop; leaving their threads behind");
+            threads.detach();
         }
     }
 }

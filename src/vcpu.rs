@@ -117,6 +117,29 @@ extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     });
 }
 
+/// Points this thread's kick handler at a vCPU's `immediate_exit` byte
+/// while it lives; dropping it (returning or unwinding) clears the pointer.
+struct KickTarget;
+
+impl KickTarget {
+    fn arm(immediate_exit: *mut u8) -> Self {
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        KickTarget
+    }
+
+    /// Whether this thread's kick handler currently points anywhere.
+    #[cfg(test)]
+    fn armed() -> bool {
+        IMMEDIATE_EXIT.with(|p| !p.get().is_null())
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|p| p.set(ptr::null_mut()));
+    }
+}
+
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
@@ -184,9 +207,11 @@ impl Vcpu {
         // The thread may have inherited a mask that blocks the kick.
         let _ = unblock_signal(kick_signal());
         let immediate_exit = ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
-        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        // Cleared when the guard drops: on return and on unwinding alike,
+        // so a kick that arrives after this function can never write to a
+        // kvm_run page that is gone.
+        let _armed = KickTarget::arm(immediate_exit);
         let result = self.run_loop(bus, stop);
-        IMMEDIATE_EXIT.with(|p| p.set(ptr::null_mut()));
         self.fd.set_kvm_immediate_exit(0);
         result
     }
@@ -339,13 +364,56 @@ impl VcpuThreads {
         }
     }
 
-    /// Stops every thread and takes the vCPUs back.
+    /// Stops every thread and takes the vCPUs back, waiting as long as it
+    /// takes.
     pub fn stop(self) -> Stopped {
+        self.request_stop();
+        self.join()
+    }
+
+    /// Stops every thread, waiting at most `deadline` for them to end. If
+    /// some did not, gives the threads back with the indices of those still
+    /// running: the stop stays requested, so a later call can finish it.
+    pub fn stop_within(self, deadline: Duration) -> Result<Stopped, (Self, Vec<u32>)> {
+        self.request_stop();
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            let running: Vec<u32> = self
+                .threads
+                .iter()
+                .filter(|(_, h)| !h.is_finished())
+                .map(|(i, _)| *i)
+                .collect();
+            if running.is_empty() {
+                return Ok(self.join());
+            }
+            if std::time::Instant::now() >= until {
+                return Err((self, running));
+            }
+            // Threads normally end within microseconds of their kick.
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Sets the stop flag and kicks every thread out of KVM_RUN.
+    fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         for (_, handle) in &self.threads {
-            // ESRCH (thread already gone) is fine: it saw `stop` or ended.
-            let _ = handle.kill(kick_signal());
+            if !handle.is_finished() {
+                // ESRCH (thread just ended) is fine: it saw `stop` or ended.
+                let _ = handle.kill(kick_signal());
+            }
         }
+    }
+
+    /// Leaves the threads to end on their own (each owns its vCPU), for a
+    /// VM dropped while a vCPU is stuck.
+    pub fn detach(self) {
+        self.request_stop();
+    }
+
+    /// Joins every thread (they must have been asked to stop).
+    fn join(self) -> Stopped {
         let mut vcpus = Vec::with_capacity(self.threads.len());
         let mut outcome = None;
         for (index, handle) in self.threads {
@@ -369,5 +437,31 @@ impl VcpuThreads {
         }
         vcpus.sort_by_key(Vcpu::index);
         Stopped { vcpus, outcome }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kick_target_is_cleared_on_return_and_on_unwinding() {
+        let mut byte = 0u8;
+        {
+            let _armed = KickTarget::arm(&mut byte);
+            assert!(KickTarget::armed());
+        }
+        assert!(!KickTarget::armed());
+        let unwound = std::panic::catch_unwind(|| {
+            let mut byte = 0u8;
+            let _armed = KickTarget::arm(&mut byte);
+            assert!(KickTarget::armed());
+            panic!("a device bug on the vCPU thread");
+        });
+        assert!(unwound.is_err());
+        assert!(
+            !KickTarget::armed(),
+            "unwinding left a dangling kick pointer"
+        );
     }
 }

@@ -31,7 +31,7 @@ pub struct EventFdTrigger(EventFd);
 impl EventFdTrigger {
     /// A new, unconnected trigger.
     pub fn new() -> io::Result<Self> {
-        Ok(Self(EventFd::new(libc::EFD_NONBLOCK)?))
+        Ok(Self(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?))
     }
 
     /// The eventfd to register with KVM.

@@ -477,9 +477,9 @@ impl MmioTransport {
             .map_err(super::ActivateError::BadQueue)
             .and_then(|queues| device.activate(self.mem.clone(), self.interrupt.clone(), queues));
         if let Err(e) = result {
-            log::warn!(
-                "virtio device type {} failed to activate: {e}",
-                self.device_type
+            crate::guest_warn!(
+                "{} failed to activate: {e}",
+                super::device_type_name(self.device_type)
             );
             self.status |= status::DEVICE_NEEDS_RESET;
             drop(device);
@@ -563,7 +563,7 @@ mod tests {
             Self {
                 max_sizes: vec![16; queues],
                 events: (0..queues)
-                    .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                    .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap())
                     .collect(),
                 acked: None,
                 active: None,

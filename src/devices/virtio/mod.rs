@@ -39,6 +39,16 @@ pub mod device_type {
     pub const VSOCK: u32 = 19;
 }
 
+/// A readable name for a virtio device type, for logs and error reports.
+pub fn device_type_name(device_type: u32) -> &'static str {
+    match device_type {
+        device_type::NET => "virtio-net",
+        device_type::BLOCK => "virtio-blk",
+        device_type::VSOCK => "virtio-vsock",
+        _ => "virtio device",
+    }
+}
+
 /// Device status bits (virtio 1.2, section 2.1).
 pub mod status {
     /// The guest found the device.

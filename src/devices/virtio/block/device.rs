@@ -109,7 +109,8 @@ impl Block {
     /// read-only disk.
     pub fn new(path: &Path, read_only: bool) -> Result<Block, BlockError> {
         let disk = Disk::open(path, read_only)?;
-        let queue_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let queue_evt =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(BlockError::EventFd)?;
         let bit = |b: u32| 1u64 << b;
         let mut avail_features = VIRTIO_F_VERSION_1
             | bit(VIRTIO_RING_F_EVENT_IDX)

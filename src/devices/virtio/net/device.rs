@@ -126,7 +126,8 @@ impl Net {
         if mac[0] & 1 != 0 || mac == [0; 6] {
             return Err(NetError::InvalidMac(mac));
         }
-        let event = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
+        let event =
+            || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(NetError::EventFd);
         Ok(Net {
             tap,
             mac,

@@ -176,7 +176,7 @@ impl Vsock {
             .map(|m| (m.dev(), m.ino()));
         listener.set_nonblocking(true).map_err(VsockError::Io)?;
         let queue_events = (0..QUEUE_SIZES.len())
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<io::Result<Vec<_>>>()
             .map_err(VsockError::Io)?;
         Ok(Vsock {
@@ -184,7 +184,7 @@ impl Vsock {
             uds_path: uds_path.to_path_buf(),
             socket_id,
             queue_events,
-            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Io)?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Io)?,
             acked_features: 0,
             active: None,
             broken: false,
