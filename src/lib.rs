@@ -52,6 +52,7 @@ pub mod dirty;
 pub mod event_loop;
 pub mod memory;
 mod microvm;
+pub mod rate_limiter;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
