@@ -28,6 +28,10 @@
 //! meanwhile leaves the refused request where it was (in the available ring
 //! or held as pending) and stops processing that queue.
 //!
+//! A snapshot keeps each bucket's budget and what is left of its burst
+//! ([`RateLimiterState`]); the time between snapshot and restore earns
+//! nothing, so a restored device continues where it left off.
+//!
 //! Time comes from the caller (`*_at` methods take an [`Instant`]), so the
 //! buckets are tested with an exact clock; the devices pass
 //! [`Instant::now`].
@@ -239,6 +243,24 @@ impl RateLimiterConfig {
     }
 }
 
+/// A bucket's budget, for snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucketState {
+    /// Regular tokens left; negative while an oversize request is repaid.
+    pub budget: i64,
+    /// What is left of the one-time burst.
+    pub one_time_burst: u64,
+}
+
+/// A rate limiter's buckets' budgets, for snapshots.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiterState {
+    /// The bandwidth bucket, if the limiter has one.
+    pub bandwidth: Option<TokenBucketState>,
+    /// The operations bucket, if the limiter has one.
+    pub ops: Option<TokenBucketState>,
+}
+
 /// A token bucket (see the module documentation for how consuming works).
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -351,6 +373,27 @@ impl TokenBucket {
         Some(Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX)))
     }
 
+    /// Its budget as of `now`, for a snapshot.
+    pub fn save_at(&self, now: Instant) -> TokenBucketState {
+        let mut current = self.clone();
+        current.refill(now);
+        TokenBucketState {
+            budget: i64::try_from(current.budget).unwrap_or(i64::MIN),
+            one_time_burst: current.burst,
+        }
+    }
+
+    /// Puts a saved budget back as of `now`. The state comes from a file:
+    /// the budget is capped at the bucket's size and the burst at the
+    /// configured one, so a snapshot can never grant more than a fresh
+    /// bucket has.
+    pub fn restore_at(&mut self, state: &TokenBucketState, now: Instant) {
+        self.budget = i128::from(state.budget).min(self.size());
+        self.burst = state.one_time_burst.min(self.config.one_time_burst);
+        self.partial = 0;
+        self.last = now;
+    }
+
     /// Takes `tokens`, which [`wait_for`](Self::wait_for) allowed: the
     /// burst first, then the budget (into debt for an oversize request).
     fn take(&mut self, tokens: u64) {
@@ -420,6 +463,31 @@ impl RateLimiter {
     /// Whether it refused a request and waits for its timer.
     pub fn is_blocked(&self) -> bool {
         self.blocked
+    }
+
+    /// The buckets' budgets now, for a snapshot.
+    pub fn save(&self) -> RateLimiterState {
+        let now = Instant::now();
+        RateLimiterState {
+            bandwidth: self.bandwidth.as_ref().map(|b| b.save_at(now)),
+            ops: self.ops.as_ref().map(|b| b.save_at(now)),
+        }
+    }
+
+    /// Puts saved budgets back into the buckets both the limiter and the
+    /// state have (a bucket the state lacks stays as it is). The limiter is
+    /// not blocked afterwards: the device's next pass finds out.
+    pub fn restore(&mut self, state: &RateLimiterState) {
+        let now = Instant::now();
+        for (bucket, saved) in [
+            (&mut self.bandwidth, &state.bandwidth),
+            (&mut self.ops, &state.ops),
+        ] {
+            if let (Some(bucket), Some(saved)) = (bucket, saved) {
+                bucket.restore_at(saved, now);
+            }
+        }
+        self.blocked = false;
     }
 
     /// [`consume_at`](Self::consume_at) now.
@@ -688,6 +756,67 @@ mod tests {
         assert!(l.timer_fired());
         assert!(l.consume_at(1, 0, t0 + Duration::from_secs(5)));
         assert_eq!(l.config().ops, Some(TokenBucketConfig::new(2, 1000)));
+    }
+
+    #[test]
+    fn saved_budgets_come_back_and_cannot_grant_more_than_a_fresh_bucket() {
+        let (mut b, t0) = bucket(1000, 1000, 500);
+        b.consume_at(500, t0).unwrap();
+        // Larger than the bucket, on a full bucket: 200 of debt.
+        b.consume_at(1200, t0).unwrap();
+        assert_eq!((b.budget(), b.one_time_burst()), (-200, 0));
+        let saved = b.save_at(t0 + 100 * MS);
+        assert_eq!(
+            saved,
+            TokenBucketState {
+                budget: -100,
+                one_time_burst: 0
+            }
+        );
+        let (mut fresh, t1) = bucket(1000, 1000, 500);
+        fresh.restore_at(&saved, t1);
+        assert_eq!((fresh.budget(), fresh.one_time_burst()), (-100, 0));
+        // Time before the restore earns nothing; after it, the usual rate.
+        fresh.refill(t1 + 100 * MS);
+        assert_eq!(fresh.budget(), 0);
+        // A hostile state is capped.
+        fresh.restore_at(
+            &TokenBucketState {
+                budget: i64::MAX,
+                one_time_burst: u64::MAX,
+            },
+            t1,
+        );
+        assert_eq!((fresh.budget(), fresh.one_time_burst()), (1000, 500));
+        fresh.restore_at(
+            &TokenBucketState {
+                budget: i64::MIN,
+                one_time_burst: 0,
+            },
+            t1,
+        );
+        assert_eq!(fresh.budget(), i128::from(i64::MIN));
+        assert!(fresh.consume_at(1, t1).is_err());
+    }
+
+    #[test]
+    fn a_limiter_restores_the_buckets_it_has() {
+        let mut l = limiter(Some((1000, 60_000)), Some((10, 60_000)));
+        assert!(l.consume(3, 600));
+        let saved = l.save();
+        assert_eq!(saved.ops.unwrap().budget, 7);
+        assert_eq!(saved.bandwidth.unwrap().budget, 400);
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let saved: RateLimiterState = postcard::from_bytes(&bytes).unwrap();
+
+        let mut fresh = limiter(Some((1000, 60_000)), None);
+        fresh.restore(&saved);
+        assert_eq!(fresh.bandwidth().unwrap().budget(), 400);
+        assert!(fresh.ops().is_none());
+        // A state without a bucket leaves it full.
+        let mut other = limiter(Some((1000, 60_000)), Some((10, 60_000)));
+        other.restore(&RateLimiterState::default());
+        assert_eq!(other.ops().unwrap().budget(), 10);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::devices::virtio::{
     device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
-use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 
 /// The size of the config space (`struct virtio_blk_config`).
 const CONFIG_LEN: usize = size_of::<virtio_blk_config>();
@@ -376,6 +376,20 @@ impl VirtioDevice for Block {
             .as_ref()
             .map(|a| vec![a.queue.state()])
             .unwrap_or_default()
+    }
+
+    fn rate_limiter_states(&self) -> Vec<RateLimiterState> {
+        vec![self
+            .rate_limiter
+            .as_ref()
+            .map(RateLimiter::save)
+            .unwrap_or_default()]
+    }
+
+    fn restore_rate_limiters(&mut self, states: &[RateLimiterState]) {
+        if let (Some(limiter), Some(state)) = (&mut self.rate_limiter, states.first()) {
+            limiter.restore(state);
+        }
     }
 
     fn reset(&mut self) {

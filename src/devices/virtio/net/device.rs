@@ -16,7 +16,7 @@ use crate::devices::virtio::{
     device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
-use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterState};
 
 /// Index of the receive queue.
 pub(super) const RX_QUEUE: usize = 0;
@@ -575,6 +575,23 @@ impl VirtioDevice for Net {
             .as_ref()
             .map(|a| vec![a.rx.state(), a.tx.state()])
             .unwrap_or_default()
+    }
+
+    /// Receive, then transmit.
+    fn rate_limiter_states(&self) -> Vec<RateLimiterState> {
+        [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .map(|l| l.as_ref().map(RateLimiter::save).unwrap_or_default())
+            .collect()
+    }
+
+    fn restore_rate_limiters(&mut self, states: &[RateLimiterState]) {
+        let limiters = [&mut self.rx_rate_limiter, &mut self.tx_rate_limiter];
+        for (limiter, state) in limiters.into_iter().zip(states) {
+            if let Some(limiter) = limiter {
+                limiter.restore(state);
+            }
+        }
     }
 
     fn reset(&mut self) {

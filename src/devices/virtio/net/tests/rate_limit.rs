@@ -151,3 +151,34 @@ fn an_invalid_rate_limit_is_a_typed_error() {
         .unwrap();
     assert!(net.rx_rate_limiter.is_none() && net.tx_rate_limiter.is_none());
 }
+
+#[test]
+fn receive_and_transmit_budgets_survive_save_and_restore() {
+    use crate::devices::virtio::VirtioDevice;
+
+    let tx = limits(None, Some((4, MINUTE_MS)));
+    let mut t = limited(RateLimiterConfig::unlimited(), tx);
+    t.add_tx(&[&with_header(0, 0, &ether(100, 1))]);
+    t.net.tx_pass();
+    let states = t.net.rate_limiter_states();
+    assert_eq!(states.len(), 2);
+    assert_eq!(states[0], Default::default());
+    assert_eq!(states[1].ops.unwrap().budget, 3);
+
+    let (net, _peer) = device();
+    let mut fresh = net
+        .with_rate_limiters(&RateLimiterConfig::unlimited(), &tx)
+        .unwrap();
+    fresh.restore_rate_limiters(&states);
+    let budget = fresh
+        .tx_rate_limiter
+        .as_ref()
+        .unwrap()
+        .ops()
+        .unwrap()
+        .budget();
+    assert_eq!(budget, 3);
+    // Short or hostile lists are ignored or capped.
+    fresh.restore_rate_limiters(&[]);
+    assert_eq!(fresh.rate_limiter_configs().1, tx);
+}
