@@ -145,16 +145,38 @@ mod aarch64 {
         let mut saved = Vec::with_capacity(configs.len());
         for config in configs {
             match config {
-                VirtioConfig::Block { path, read_only } => {
-                    let block = Block::new(&path, read_only).map_err(DeviceError::from)?;
+                VirtioConfig::Block {
+                    path,
+                    read_only,
+                    rate_limiter,
+                } => {
+                    let block = Block::new(&path, read_only)
+                        .and_then(|b| b.with_rate_limiter(&rate_limiter))
+                        .map_err(DeviceError::from)?;
                     devices.attach_virtio(vm, memory, block)?;
-                    saved.push(SavedDevice::Block { path, read_only });
+                    saved.push(SavedDevice::Block {
+                        path,
+                        read_only,
+                        rate_limiter,
+                    });
                 }
-                VirtioConfig::Net { tap, mac } => {
-                    let net = Net::new(tap, mac).map_err(DeviceError::from)?;
+                VirtioConfig::Net {
+                    tap,
+                    mac,
+                    rx_rate_limiter,
+                    tx_rate_limiter,
+                } => {
+                    let net = Net::new(tap, mac)
+                        .and_then(|n| n.with_rate_limiters(&rx_rate_limiter, &tx_rate_limiter))
+                        .map_err(DeviceError::from)?;
                     let tap = net.tap_name().to_string();
                     devices.attach_virtio(vm, memory, net)?;
-                    saved.push(SavedDevice::Net { tap, mac });
+                    saved.push(SavedDevice::Net {
+                        tap,
+                        mac,
+                        rx_rate_limiter,
+                        tx_rate_limiter,
+                    });
                 }
                 VirtioConfig::Vsock { cid, uds_path } => {
                     let vsock = Vsock::new(cid, &uds_path).map_err(DeviceError::from)?;

@@ -12,6 +12,7 @@ use crate::device_manager::MAX_VIRTIO_DEVICES;
 use crate::devices::serial::{SerialInput, SerialOutput};
 use crate::devices::virtio::net::TapConfig;
 use crate::memory;
+use crate::rate_limiter::{RateLimiterConfig, RateLimiterConfigError};
 use crate::{Error, MicroVm};
 
 /// Default guest RAM size: 128 MiB.
@@ -52,6 +53,16 @@ pub enum ConfigError {
     /// More virtio devices than the memory map has slots for.
     #[error("{0} virtio devices asked for; the memory map has room for {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
+    /// A device's rate limits cannot work.
+    #[error("{device}: {source}")]
+    RateLimiter {
+        /// Which device (and direction), e.g. `virtio-blk 0` or
+        /// `virtio-net 1 receive`, counted from 0 in attach order per kind.
+        device: String,
+        /// What is wrong.
+        #[source]
+        source: RateLimiterConfigError,
+    },
     /// A VM has at most one vsock device.
     #[error("a VM has at most one vsock device (it is the VM's only CID)")]
     MultipleVsock,
@@ -106,9 +117,132 @@ pub(crate) struct Payload {
 // Only aarch64 hosts build VMs; elsewhere the fields are validated, not used.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 pub(crate) enum VirtioConfig {
-    Block { path: PathBuf, read_only: bool },
-    Net { tap: TapConfig, mac: [u8; 6] },
-    Vsock { cid: u64, uds_path: PathBuf },
+    Block {
+        path: PathBuf,
+        read_only: bool,
+        rate_limiter: RateLimiterConfig,
+    },
+    Net {
+        tap: TapConfig,
+        mac: [u8; 6],
+        rx_rate_limiter: RateLimiterConfig,
+        tx_rate_limiter: RateLimiterConfig,
+    },
+    Vsock {
+        cid: u64,
+        uds_path: PathBuf,
+    },
+}
+
+/// A virtio-blk disk, for [`MicroVmBuilder::block_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The raw disk image (a regular file or a block device).
+    pub path: PathBuf,
+    /// Whether guest writes are refused.
+    pub read_only: bool,
+    /// Limits on requests and bytes (default: none). Each request costs one
+    /// operation and its data bytes.
+    pub rate_limiter: RateLimiterConfig,
+}
+
+impl BlockConfig {
+    /// A read-write disk on `path`, not rate limited.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            rate_limiter: RateLimiterConfig::default(),
+        }
+    }
+
+    /// Whether guest writes are refused.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Limits on requests and bytes.
+    pub fn rate_limiter(mut self, limits: RateLimiterConfig) -> Self {
+        self.rate_limiter = limits;
+        self
+    }
+}
+
+/// A virtio-net interface, for [`MicroVmBuilder::net_with`].
+#[derive(Debug)]
+pub struct NetConfig {
+    /// The TAP.
+    pub tap: TapConfig,
+    /// The MAC address; `None` for `06:64:6d:73:00:<n>` on the n-th
+    /// interface.
+    pub mac: Option<[u8; 6]>,
+    /// Limits on frames and bytes delivered to the guest (default: none).
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Limits on frames and bytes the guest sends (default: none).
+    pub tx_rate_limiter: RateLimiterConfig,
+}
+
+impl NetConfig {
+    /// An interface on `tap` with the default MAC, not rate limited.
+    pub fn new(tap: TapConfig) -> Self {
+        Self {
+            tap,
+            mac: None,
+            rx_rate_limiter: RateLimiterConfig::default(),
+            tx_rate_limiter: RateLimiterConfig::default(),
+        }
+    }
+
+    /// The MAC address the guest sees (unicast).
+    pub fn mac(mut self, mac: [u8; 6]) -> Self {
+        self.mac = Some(mac);
+        self
+    }
+
+    /// Limits on frames and bytes delivered to the guest. Each frame costs
+    /// one operation and its Ethernet bytes.
+    pub fn rx_rate_limiter(mut self, limits: RateLimiterConfig) -> Self {
+        self.rx_rate_limiter = limits;
+        self
+    }
+
+    /// Limits on frames and bytes the guest sends. Each frame costs one
+    /// operation and its Ethernet bytes.
+    pub fn tx_rate_limiter(mut self, limits: RateLimiterConfig) -> Self {
+        self.tx_rate_limiter = limits;
+        self
+    }
+}
+
+/// Checks every device's rate limits; errors name the device as
+/// `virtio-blk <n>` or `virtio-net <n> receive|transmit`.
+pub(crate) fn validate_rate_limiters(devices: &[VirtioConfig]) -> Result<(), ConfigError> {
+    let (mut blocks, mut nets) = (0usize, 0usize);
+    for device in devices {
+        let check = |config: &RateLimiterConfig, device: String| {
+            config
+                .validate()
+                .map_err(|source| ConfigError::RateLimiter { device, source })
+        };
+        match device {
+            VirtioConfig::Block { rate_limiter, .. } => {
+                check(rate_limiter, format!("virtio-blk {blocks}"))?;
+                blocks += 1;
+            }
+            VirtioConfig::Net {
+                rx_rate_limiter,
+                tx_rate_limiter,
+                ..
+            } => {
+                check(rx_rate_limiter, format!("virtio-net {nets} receive"))?;
+                check(tx_rate_limiter, format!("virtio-net {nets} transmit"))?;
+                nets += 1;
+            }
+            VirtioConfig::Vsock { .. } => {}
+        }
+    }
+    Ok(())
 }
 
 /// Configures and builds a [`MicroVm`].
@@ -262,10 +396,17 @@ impl MicroVmBuilder {
     /// A virtio-blk disk backed by the raw image at `path`. Read-only disks
     /// refuse guest writes with an I/O error. Attach order is the guest's
     /// discovery order (`vda`, `vdb`, ...).
-    pub fn block(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
+    pub fn block(self, path: impl Into<PathBuf>, read_only: bool) -> Self {
+        self.block_with(BlockConfig::new(path).read_only(read_only))
+    }
+
+    /// A virtio-blk disk with every option, rate limits included (see
+    /// [`BlockConfig`]).
+    pub fn block_with(mut self, config: BlockConfig) -> Self {
         self.virtio.push(VirtioConfig::Block {
-            path: path.into(),
-            read_only,
+            path: config.path,
+            read_only: config.read_only,
+            rate_limiter: config.rate_limiter,
         });
         self
     }
@@ -273,18 +414,31 @@ impl MicroVmBuilder {
     /// A virtio-net interface on a TAP device, with a MAC address of
     /// `06:64:6d:73:00:<n>` for the n-th interface (locally administered).
     pub fn net(self, tap: TapConfig) -> Self {
+        self.net_with(NetConfig::new(tap))
+    }
+
+    /// A virtio-net interface on a TAP device with the given MAC address.
+    pub fn net_with_mac(self, tap: TapConfig, mac: [u8; 6]) -> Self {
+        self.net_with(NetConfig::new(tap).mac(mac))
+    }
+
+    /// A virtio-net interface with every option, rate limits included (see
+    /// [`NetConfig`]).
+    pub fn net_with(mut self, config: NetConfig) -> Self {
         let n = self
             .virtio
             .iter()
             .filter(|d| matches!(d, VirtioConfig::Net { .. }))
             .count();
-        let mac = [0x06, 0x64, 0x6d, 0x73, 0x00, n.to_le_bytes()[0]];
-        self.net_with_mac(tap, mac)
-    }
-
-    /// A virtio-net interface on a TAP device with the given MAC address.
-    pub fn net_with_mac(mut self, tap: TapConfig, mac: [u8; 6]) -> Self {
-        self.virtio.push(VirtioConfig::Net { tap, mac });
+        let mac = config
+            .mac
+            .unwrap_or([0x06, 0x64, 0x6d, 0x73, 0x00, n.to_le_bytes()[0]]);
+        self.virtio.push(VirtioConfig::Net {
+            tap: config.tap,
+            mac,
+            rx_rate_limiter: config.rx_rate_limiter,
+            tx_rate_limiter: config.tx_rate_limiter,
+        });
         self
     }
 
@@ -360,7 +514,7 @@ impl MicroVmBuilder {
         if vsocks.next().is_some() {
             return Err(ConfigError::MultipleVsock);
         }
-        Ok(())
+        validate_rate_limiters(&self.virtio)
     }
 
     fn validate_payload(&self, payload: &Payload) -> Result<(), Error> {
@@ -585,6 +739,95 @@ mod tests {
             many = many.block(format!("/disk{i}"), false);
         }
         assert!(matches!(err(many), ConfigError::TooManyDevices(_)));
+    }
+
+    #[test]
+    fn rate_limits_are_checked_per_device() {
+        use crate::rate_limiter::{BucketKind, TokenBucketConfig};
+
+        let err = |b: MicroVmBuilder| match b.validate() {
+            Err(Error::Config(e)) => e,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        let good = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::per_second(10 << 20).with_one_time_burst(1 << 30)),
+            ops: Some(TokenBucketConfig::new(100, 100)),
+        };
+        let zero_refill = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig::new(100, 0)),
+        };
+        let zero_size = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(0, 1000)),
+            ops: None,
+        };
+        let tap = || TapConfig::Name("tap0".into());
+        valid()
+            .block_with(BlockConfig::new("/a").rate_limiter(good))
+            .net_with(
+                NetConfig::new(tap())
+                    .rx_rate_limiter(good)
+                    .tx_rate_limiter(good),
+            )
+            .validate()
+            .unwrap();
+        assert_eq!(
+            err(valid()
+                .block("/a", false)
+                .block_with(BlockConfig::new("/b").rate_limiter(zero_refill))),
+            ConfigError::RateLimiter {
+                device: "virtio-blk 1".into(),
+                source: RateLimiterConfigError::ZeroRefillTime(BucketKind::Ops),
+            }
+        );
+        assert_eq!(
+            err(valid().net_with(NetConfig::new(tap()).tx_rate_limiter(zero_size))),
+            ConfigError::RateLimiter {
+                device: "virtio-net 0 transmit".into(),
+                source: RateLimiterConfigError::ZeroSize(BucketKind::Bandwidth),
+            }
+        );
+        let huge = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(u64::MAX, 1000)),
+            ops: None,
+        };
+        let e = err(valid().net_with(NetConfig::new(tap()).rx_rate_limiter(huge)));
+        assert!(
+            matches!(
+                &e,
+                ConfigError::RateLimiter {
+                    source: RateLimiterConfigError::SizeTooLarge { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("virtio-net 0 receive: "), "{e}");
+    }
+
+    #[test]
+    fn block_and_net_shorthands_match_their_configs() {
+        let b = valid()
+            .block("/a", true)
+            .net_with_mac(TapConfig::Name("t".into()), [2, 0, 0, 0, 0, 9]);
+        match &b.virtio[..] {
+            [VirtioConfig::Block {
+                path,
+                read_only: true,
+                rate_limiter: b_limits,
+            }, VirtioConfig::Net {
+                mac,
+                rx_rate_limiter,
+                tx_rate_limiter,
+                ..
+            }] => {
+                assert_eq!(path, &PathBuf::from("/a"));
+                assert_eq!(mac, &[2, 0, 0, 0, 0, 9]);
+                assert!(b_limits.is_unlimited());
+                assert!(rx_rate_limiter.is_unlimited() && tx_rate_limiter.is_unlimited());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

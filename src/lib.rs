@@ -53,6 +53,7 @@ pub mod event_loop;
 pub mod log_limit;
 pub mod memory;
 mod microvm;
+pub mod rate_limiter;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

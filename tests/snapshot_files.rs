@@ -362,3 +362,29 @@ fn diff_runs_out_of_order_or_past_memory_are_refused() {
         );
     }
 }
+
+#[test]
+fn invalid_saved_rate_limits_are_refused() {
+    use dormouse::rate_limiter::{
+        BucketKind, RateLimiterConfig, RateLimiterConfigError, TokenBucketConfig,
+    };
+    use dormouse::snapshot::SavedDevice;
+
+    let mut s = state();
+    s.config.devices.push(SavedDevice::Block {
+        path: "/nonexistent/disk.img".into(),
+        read_only: false,
+        rate_limiter: RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig::new(100, 0)),
+        },
+    });
+    let d = snapshot_dir("bad-rate-limiter", &s);
+    assert!(matches!(
+        restore_error(&snap(&d)),
+        SnapshotError::InvalidRateLimiter {
+            device: 0,
+            source: RateLimiterConfigError::ZeroRefillTime(BucketKind::Ops),
+        }
+    ));
+}

@@ -128,6 +128,116 @@ poweroff -f
 }
 
 #[test]
+fn a_rate_limited_disk_holds_the_guest_to_its_bandwidth() {
+    use dormouse::builder::BlockConfig;
+    use dormouse::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+    const RATE: u64 = 1 << 20;
+    const READ: u64 = 4 << 20;
+    let tmp = TempDir::new("blk-limited");
+    let disk = test_disk(&tmp.0, "disk.ext4");
+    let script = format!(
+        r#"
+echo 3 > /proc/sys/vm/drop_caches
+t0=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/vda of=/dev/null bs=64k count={count} 2>/dev/null && t1=$(cut -d' ' -f1 /proc/uptime) && echo "@@dd_read=$t0 $t1"
+poweroff -f
+"#,
+        count = READ / (64 << 10)
+    );
+    let initrd = guest_initrd(&tmp.0, &[modules::VIRTIO_MMIO, modules::BLOCK], &script);
+    // 1 MiB/s, 100 KiB at once.
+    let limits = RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig::new(RATE / 10, 100)),
+        ops: None,
+    };
+    let builder = vm(initrd).block_with(BlockConfig::new(&disk).rate_limiter(limits));
+    let (exit, text) = run_guest(builder, |_| {});
+    assert_eq!(exit, ExitReason::Shutdown, "console:\n{text}");
+    let line = fact(&text, "dd_read");
+    let times: Vec<f64> = line
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or_else(|_| panic!("dd_read: {line}")))
+        .collect();
+    let [t0, t1] = times[..] else {
+        panic!("dd_read: {line}")
+    };
+    let secs = t1 - t0;
+    // Boot spent part of the bucket; what the guest read beyond the
+    // remaining 100 KiB came at 1 MiB/s at most. (A slow emulated host
+    // only makes it slower, so there is no upper bound.)
+    #[allow(clippy::cast_precision_loss)]
+    let least = (READ - RATE / 10) as f64 / RATE as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let achieved = READ as f64 / 1048576.0 / secs.max(0.01);
+    common::report(&format!(
+        "virtio-blk limited to 1 MiB/s: guest dd read 4 MiB in {secs:.2} s = {achieved:.2} MiB/s"
+    ));
+    assert!(
+        secs >= least - 0.3,
+        "4 MiB read in {secs:.2} s through a 1 MiB/s limit"
+    );
+}
+
+#[test]
+fn rate_limits_and_their_budgets_survive_a_snapshot() {
+    use dormouse::builder::BlockConfig;
+    use dormouse::rate_limiter::{RateLimiterConfig, TokenBucketConfig, MAX_REFILL_TIME_MS};
+    use dormouse::snapshot::{read_state, SavedDevice};
+
+    let tmp = TempDir::new("blk-limits-snap");
+    let disk = test_disk(&tmp.0, "disk.ext4");
+    // 16 MiB and 1000 requests a day, and 1000 more requests once: the
+    // boot and the reads below spend some, and the refill is too slow to
+    // matter during the test.
+    let limits = RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig::new(16 << 20, MAX_REFILL_TIME_MS)),
+        ops: Some(TokenBucketConfig::new(1000, MAX_REFILL_TIME_MS).with_one_time_burst(1000)),
+    };
+    let script =
+        "dd if=/dev/vda of=/dev/null bs=64k count=8 2>/dev/null\necho @@ready=yes\nread line\n";
+    let initrd = guest_initrd(&tmp.0, &[modules::VIRTIO_MMIO, modules::BLOCK], script);
+    let (session, input) = common::Session::new();
+    let mut vm = vm(initrd)
+        .block_with(BlockConfig::new(&disk).rate_limiter(limits))
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    session.wait_fact("ready", std::time::Duration::from_secs(600));
+    vm.pause().unwrap();
+    let first = tmp.0.join("first");
+    vm.snapshot(&first).unwrap();
+    drop(vm);
+
+    let state = read_state(&first).unwrap();
+    assert!(
+        matches!(&state.config.devices[..], [SavedDevice::Block { rate_limiter, .. }] if *rate_limiter == limits),
+        "{:?}",
+        state.config.devices
+    );
+    let saved = state.virtio[0].rate_limiters[0];
+    let (bandwidth, ops) = (saved.bandwidth.unwrap(), saved.ops.unwrap());
+    // The guest read at least 512 KiB, in requests from the burst first.
+    assert!(bandwidth.budget <= (16 << 20) - (512 << 10), "{saved:?}");
+    assert_eq!(ops.budget, 1000, "{saved:?}");
+    assert!(ops.one_time_burst < 1000, "{saved:?}");
+
+    // A restored VM carries the limits and the budgets on.
+    let mut restored = MicroVm::restore(&first).build().unwrap();
+    let second = tmp.0.join("second");
+    restored.snapshot(&second).unwrap();
+    let again = read_state(&second).unwrap();
+    assert_eq!(again.config.devices, state.config.devices);
+    let resaved = again.virtio[0].rate_limiters[0];
+    assert_eq!(resaved.ops, saved.ops);
+    // At most the few bytes a day-long refill earns in the meantime.
+    let earned = resaved.bandwidth.unwrap().budget - bandwidth.budget;
+    assert!((0..4096).contains(&earned), "{saved:?} then {resaved:?}");
+}
+
+#[test]
 fn a_missing_disk_image_is_a_clear_error() {
     let e = MicroVm::builder()
         .kernel(guest_assets().kernel)

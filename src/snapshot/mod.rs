@@ -32,6 +32,7 @@ use crate::arch::aarch64::state::{GicState, VcpuState};
 use crate::devices::rtc::RtcSnapshot;
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportState;
+use crate::rate_limiter::RateLimiterConfig;
 
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -114,6 +115,19 @@ pub enum SnapshotError {
     /// The state contradicts itself or this host.
     #[error("the snapshot is inconsistent: {0}")]
     Inconsistent(String),
+    /// A device's saved rate limits cannot work (the file is corrupt or
+    /// was edited).
+    #[error(
+        "the snapshot's virtio device {device} has invalid rate limits ({source}): the state \
+         file is corrupt; restore another snapshot"
+    )]
+    InvalidRateLimiter {
+        /// The device's index in the saved device list.
+        device: usize,
+        /// What is wrong.
+        #[source]
+        source: crate::rate_limiter::RateLimiterConfigError,
+    },
     /// A diff snapshot needs dirty tracking and a snapshot to be relative to.
     #[error(
         "no diff snapshot possible: {0} (build the VM with .dirty_tracking(true) and take a \
@@ -173,6 +187,9 @@ pub enum SavedDevice {
         path: PathBuf,
         /// Whether guest writes are refused.
         read_only: bool,
+        /// Limits on requests and bytes (added after format 1.0, where a
+        /// disk is unlimited).
+        rate_limiter: RateLimiterConfig,
     },
     /// virtio-net on a TAP.
     Net {
@@ -180,6 +197,12 @@ pub enum SavedDevice {
         tap: String,
         /// The MAC address.
         mac: [u8; 6],
+        /// Limits on frames delivered to the guest (added after format
+        /// 1.0, where an interface is unlimited).
+        rx_rate_limiter: RateLimiterConfig,
+        /// Limits on frames the guest sends (added after format 1.0, where
+        /// an interface is unlimited).
+        tx_rate_limiter: RateLimiterConfig,
     },
     /// virtio-vsock.
     Vsock {
@@ -367,6 +390,22 @@ fn check_consistent(state: &VmState) -> Result<(), SnapshotError> {
     }
     if state.gic.vcpus.len() != state.vcpus.len() {
         return bad("the vGIC state has a different vCPU count".into());
+    }
+    for (device, saved) in state.config.devices.iter().enumerate() {
+        let limits = match saved {
+            SavedDevice::Block { rate_limiter, .. } => [Some(rate_limiter), None],
+            SavedDevice::Net {
+                rx_rate_limiter,
+                tx_rate_limiter,
+                ..
+            } => [Some(rx_rate_limiter), Some(tx_rate_limiter)],
+            SavedDevice::Vsock { .. } => [None, None],
+        };
+        for limit in limits.into_iter().flatten() {
+            limit
+                .validate()
+                .map_err(|source| SnapshotError::InvalidRateLimiter { device, source })?;
+        }
     }
     if state.virtio.len() != state.config.devices.len() {
         return bad(format!(

@@ -490,7 +490,11 @@ mod aarch64 {
         let mut configs = Vec::with_capacity(saved.len());
         for device in saved {
             configs.push(match device {
-                SavedDevice::Block { path, read_only } => {
+                SavedDevice::Block {
+                    path,
+                    read_only,
+                    rate_limiter,
+                } => {
                     let path = restore
                         .block_paths
                         .iter()
@@ -501,16 +505,27 @@ mod aarch64 {
                     VirtioConfig::Block {
                         path,
                         read_only: *read_only,
+                        rate_limiter: *rate_limiter,
                     }
                 }
-                SavedDevice::Net { tap, mac } => {
+                SavedDevice::Net {
+                    tap,
+                    mac,
+                    rx_rate_limiter,
+                    tx_rate_limiter,
+                } => {
                     let position = restore.taps.iter().rposition(|(i, _)| *i == net);
                     let tap = match position {
                         Some(p) => restore.taps.remove(p).1,
                         None => crate::devices::virtio::net::TapConfig::Name(tap.clone()),
                     };
                     net += 1;
-                    VirtioConfig::Net { tap, mac: *mac }
+                    VirtioConfig::Net {
+                        tap,
+                        mac: *mac,
+                        rx_rate_limiter: *rx_rate_limiter,
+                        tx_rate_limiter: *tx_rate_limiter,
+                    }
                 }
                 SavedDevice::Vsock { cid, uds_path } => VirtioConfig::Vsock {
                     cid: *cid,

@@ -130,6 +130,9 @@ pub struct TransportState {
     /// The queues: the device's live copies once activated, else the
     /// transport's register view.
     pub queues: Vec<SavedQueue>,
+    /// The device's rate limiters' budgets (added after format 1.0, where
+    /// it is empty: the buckets start full).
+    pub rate_limiters: Vec<crate::rate_limiter::RateLimiterState>,
 }
 
 /// A virtio device behind virtio-mmio registers.
@@ -200,7 +203,10 @@ impl MmioTransport {
     /// Saves the transport and its device's queues. The device must be
     /// quiescent (event loop paused, vCPUs stopped).
     pub fn save(&self) -> TransportState {
-        let live = lock(&self.device).queue_states();
+        let (live, rate_limiters) = {
+            let device = lock(&self.device);
+            (device.queue_states(), device.rate_limiter_states())
+        };
         let queues = if live.len() == self.queues.len() {
             live.into_iter().map(SavedQueue::from).collect()
         } else {
@@ -216,6 +222,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             config_generation: self.interrupt.config_generation(),
             queues,
+            rate_limiters,
         }
     }
 
@@ -283,6 +290,7 @@ impl MmioTransport {
                 .map_err(|e| invalid(format!("re-activating the device: {e}")))?;
             device.restored();
         }
+        lock(&self.device).restore_rate_limiters(&saved.rate_limiters);
         self.queues = queues;
         Ok(())
     }
@@ -545,6 +553,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::{interrupt_status, ActivateError};
     use crate::devices::EventFdTrigger;
+    use crate::rate_limiter::{RateLimiterState, TokenBucketState};
 
     const FEATURE_X: u64 = 1 << 5;
 
@@ -556,6 +565,7 @@ mod tests {
         resets: u32,
         config: [u8; 8],
         broken: bool,
+        limiters: Vec<RateLimiterState>,
     }
 
     impl Dummy {
@@ -570,6 +580,7 @@ mod tests {
                 resets: 0,
                 config: *b"dormouse",
                 broken: false,
+                limiters: Vec::new(),
             }
         }
     }
@@ -622,6 +633,12 @@ mod tests {
                 .as_ref()
                 .map(|qs| qs.iter().map(|q| q.state()).collect())
                 .unwrap_or_default()
+        }
+        fn rate_limiter_states(&self) -> Vec<RateLimiterState> {
+            self.limiters.clone()
+        }
+        fn restore_rate_limiters(&mut self, states: &[RateLimiterState]) {
+            self.limiters = states.to_vec();
         }
     }
 
@@ -845,8 +862,17 @@ mod tests {
         t.setup_queue(1, 0x2_0000);
         t.driver_ok();
         t.interrupt.signal_used_queue().unwrap();
+        let budget = RateLimiterState {
+            bandwidth: None,
+            ops: Some(TokenBucketState {
+                budget: -3,
+                one_time_burst: 7,
+            }),
+        };
+        t.device.lock().unwrap().limiters = vec![RateLimiterState::default(), budget];
         let saved = t.transport.save();
         assert_eq!(saved.queues[1].desc_table, 0x2_0000);
+        assert_eq!(saved.rate_limiters[1], budget);
 
         let mut fresh = rig(2);
         fresh.transport.restore(&saved).unwrap();
@@ -856,6 +882,7 @@ mod tests {
         let dev = fresh.device.lock().unwrap();
         assert_eq!(dev.acked, Some(VIRTIO_F_VERSION_1 | FEATURE_X));
         assert_eq!(dev.active.as_ref().unwrap()[1].desc_table(), 0x2_0000);
+        assert_eq!(dev.limiters, saved.rate_limiters);
     }
 
     #[test]

@@ -214,6 +214,19 @@ pub trait VirtioDevice: Send {
     /// guest as its spec requires.
     fn restored(&mut self) {}
 
+    /// The budgets of the device's rate limiters, for snapshots: one entry
+    /// per limiter the device can have, in a fixed order (a default entry
+    /// for one it does not have). Empty for devices without rate limits.
+    fn rate_limiter_states(&self) -> Vec<crate::rate_limiter::RateLimiterState> {
+        Vec::new()
+    }
+
+    /// Puts saved budgets back, in the order
+    /// [`rate_limiter_states`](Self::rate_limiter_states) gives them. The
+    /// states come from a file: missing or extra entries are ignored, and
+    /// budgets are capped at what a fresh limiter has.
+    fn restore_rate_limiters(&mut self, _states: &[crate::rate_limiter::RateLimiterState]) {}
+
     /// Stops the device and forgets its queues and guest memory, as the
     /// driver asked by writing 0 to the status register.
     fn reset(&mut self);

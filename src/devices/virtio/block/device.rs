@@ -14,12 +14,13 @@ use virtio_queue::{QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
-use super::request::{self, Negotiated};
+use super::request::{Negotiated, Request};
 use super::{DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, QUEUE_SIZE, SEG_MAX};
 use crate::devices::virtio::{
     device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 
 /// The size of the config space (`struct virtio_blk_config`).
 const CONFIG_LEN: usize = size_of::<virtio_blk_config>();
@@ -64,6 +65,22 @@ pub enum BlockError {
     /// The queue eventfd could not be created.
     #[error("could not create the virtio-blk queue eventfd (out of file descriptors?)")]
     EventFd(#[source] std::io::Error),
+    /// The rate limiter's configuration is invalid or its timer could not
+    /// be created.
+    #[error("virtio-blk rate limiter: {0}")]
+    RateLimiter(#[source] RateLimiterError),
+}
+
+/// How a processing pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The available ring is empty (notifications are on again).
+    Drained,
+    /// The pass served its share; more may be waiting.
+    BudgetSpent,
+    /// The rate limiter refused the next request, which stays in the
+    /// available ring until the limiter's timer fires.
+    Throttled,
 }
 
 /// The device's guest-facing state once the driver started it.
@@ -89,6 +106,8 @@ pub struct Block {
     active: Option<Active>,
     /// The driver broke the queue protocol; nothing is processed until reset.
     broken: bool,
+    /// Limits on requests and bytes, if configured.
+    pub(super) rate_limiter: Option<RateLimiter>,
 }
 
 impl std::fmt::Debug for Block {
@@ -98,6 +117,7 @@ impl std::fmt::Debug for Block {
             .field("acked_features", &self.acked_features)
             .field("activated", &self.active.is_some())
             .field("broken", &self.broken)
+            .field("rate_limiter", &self.rate_limiter)
             .finish_non_exhaustive()
     }
 }
@@ -132,7 +152,31 @@ impl Block {
             queue_max_sizes: [QUEUE_SIZE],
             active: None,
             broken: false,
+            rate_limiter: None,
         })
+    }
+
+    /// The same device, limited to the given rates: each request costs one
+    /// operation and its data bytes (see [`crate::rate_limiter`]). A request
+    /// the limiter refuses stays in the queue until the budget returns. An
+    /// unlimited configuration removes any limiter. Call this before the
+    /// device goes on the event loop, which then watches the limiter's
+    /// timer.
+    pub fn with_rate_limiter(mut self, config: &RateLimiterConfig) -> Result<Block, BlockError> {
+        self.rate_limiter = if config.is_unlimited() {
+            None
+        } else {
+            Some(RateLimiter::new(config).map_err(BlockError::RateLimiter)?)
+        };
+        Ok(self)
+    }
+
+    /// The rate limits the device applies (unlimited without a limiter).
+    pub fn rate_limiter_config(&self) -> RateLimiterConfig {
+        self.rate_limiter
+            .as_ref()
+            .map(RateLimiter::config)
+            .unwrap_or_default()
     }
 
     /// The queue notification eventfd.
@@ -142,9 +186,15 @@ impl Block {
 
     /// Serves the requests the driver made available, at most one queue's
     /// worth per call (then the eventfd is kicked so the event loop comes
-    /// back after serving the other devices).
+    /// back after serving the other devices), and only as many as the rate
+    /// limiter lets through (then its timer brings the loop back).
     pub(crate) fn process_queue(&mut self) {
-        if self.broken {
+        if self.broken
+            || self
+                .rate_limiter
+                .as_ref()
+                .is_some_and(RateLimiter::is_blocked)
+        {
             return;
         }
         let Some(active) = self.active.as_mut() else {
@@ -163,7 +213,7 @@ impl Block {
             }
             loop {
                 if budget == 0 {
-                    break 'pass Ok(true);
+                    break 'pass Ok(Pass::BudgetSpent);
                 }
                 let chain = match queue.iter(mem) {
                     Ok(mut iter) => iter.next(),
@@ -171,7 +221,15 @@ impl Block {
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let len = request::handle(&self.disk, mem, chain, negotiated);
+                let request = Request::parse(mem, chain);
+                if let Some(limiter) = &mut self.rate_limiter {
+                    if !limiter.consume(1, request.data_len()) {
+                        // Parsed again when the budget returns.
+                        queue.go_to_previous_position();
+                        break 'pass Ok(Pass::Throttled);
+                    }
+                }
+                let len = request.run(&self.disk, mem, negotiated);
                 if let Err(e) = queue.add_used(mem, head, len) {
                     break 'pass Err(e);
                 }
@@ -181,7 +239,7 @@ impl Block {
             match queue.enable_notification(mem) {
                 // More arrived while notifications were off.
                 Ok(true) => continue,
-                Ok(false) => break Ok(false),
+                Ok(false) => break Ok(Pass::Drained),
                 Err(e) => break Err(e),
             }
         };
@@ -191,8 +249,10 @@ impl Block {
             }
         }
         match outcome {
-            Ok(false) => {}
-            Ok(true) => {
+            // Throttled: notifications stay off, the limiter's timer
+            // brings the loop back.
+            Ok(Pass::Drained | Pass::Throttled) => {}
+            Ok(Pass::BudgetSpent) => {
                 // Come back for the rest on the next event-loop turn.
                 if let Err(e) = self.queue_evts[0].write(1) {
                     log::warn!("virtio-blk: cannot re-kick its queue: {e}");
@@ -317,6 +377,20 @@ impl VirtioDevice for Block {
             .as_ref()
             .map(|a| vec![a.queue.state()])
             .unwrap_or_default()
+    }
+
+    fn rate_limiter_states(&self) -> Vec<RateLimiterState> {
+        vec![self
+            .rate_limiter
+            .as_ref()
+            .map(RateLimiter::save)
+            .unwrap_or_default()]
+    }
+
+    fn restore_rate_limiters(&mut self, states: &[RateLimiterState]) {
+        if let (Some(limiter), Some(state)) = (&mut self.rate_limiter, states.first()) {
+            limiter.restore(state);
+        }
     }
 
     fn reset(&mut self) {

@@ -1,4 +1,5 @@
-//! The block device on the VM's event loop: its one queue eventfd.
+//! The block device on the VM's event loop: its one queue eventfd, and its
+//! rate limiter's timerfd if it has one.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -7,6 +8,8 @@ use super::Block;
 
 /// The queue notification eventfd.
 const QUEUE_TOKEN: u32 = 0;
+/// The rate limiter's timerfd: the budget is back.
+const RATE_LIMITER_TOKEN: u32 = 1;
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -15,6 +18,12 @@ impl MutEventSubscriber for Block {
                 // Drain the eventfd whether or not the device runs (a
                 // nonblocking read of an unsignalled eventfd just fails).
                 let _ = self.queue_evt().read();
+                self.process_queue();
+            }
+            RATE_LIMITER_TOKEN => {
+                if let Some(limiter) = &mut self.rate_limiter {
+                    limiter.timer_fired();
+                }
                 self.process_queue();
             }
             other => log::warn!("virtio-blk: event for unknown token {other}"),
@@ -28,6 +37,11 @@ impl MutEventSubscriber for Block {
             EventSet::IN,
         )) {
             log::error!("virtio-blk: cannot watch its queue eventfd: {e:?}");
+        }
+        if let Some(limiter) = &self.rate_limiter {
+            if let Err(e) = ops.add(Events::with_data(limiter, RATE_LIMITER_TOKEN, EventSet::IN)) {
+                log::error!("virtio-blk: cannot watch its rate limiter's timer: {e:?}");
+            }
         }
     }
 }

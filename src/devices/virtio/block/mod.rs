@@ -8,11 +8,18 @@
 //!   flush, discard and write-zeroes with `fallocate`.
 //! - `request`: turning one descriptor chain into a request, checking
 //!   everything the guest controls, and running it.
-//! - `event_handler`: the queue eventfd on the VM's event loop.
+//! - `event_handler`: the queue eventfd (and the rate limiter's timerfd) on
+//!   the VM's event loop.
 //!
 //! The device has one request queue. I/O is synchronous on the event-loop
 //! thread; a processing pass handles at most one queue's worth of requests
 //! and then yields to the other devices (it re-kicks its own eventfd).
+//!
+//! With a rate limiter ([`Block::with_rate_limiter`]) each request costs
+//! one operation and its data bytes (every buffer but the 16-byte header
+//! and the status byte). A request the limiter refuses stays in the
+//! available ring, notifications stay off, and the pass ends; the
+//! limiter's timerfd starts the next pass when the budget is back.
 
 mod device;
 mod disk;

@@ -62,30 +62,53 @@ struct Layout {
     malformed: bool,
 }
 
-/// Runs the request in `chain` and returns the used length for it.
-pub(super) fn handle(
-    disk: &Disk,
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    negotiated: Negotiated,
-) -> u32 {
-    let Some(mut layout) = Layout::parse(mem, chain) else {
-        log::debug!("virtio-blk: chain without a writable status byte; returned unanswered");
-        return 0;
-    };
-    let (status, written) = if layout.malformed {
-        (VIRTIO_BLK_S_IOERR, 0)
-    } else {
-        execute(disk, mem, &mut layout, negotiated)
-    };
-    // `status` is one of the VIRTIO_BLK_S_* values, all below 256.
-    let status = u8::try_from(status).unwrap_or(u8::MAX);
-    if mem.write_obj(status, layout.status).is_err() {
-        return 0;
+/// A chain read into its two streams, not yet run.
+#[derive(Debug)]
+pub(super) struct Request {
+    /// `None` if the chain has no place for the status byte.
+    layout: Option<Layout>,
+}
+
+impl Request {
+    /// Reads `chain`'s descriptors (not the data they point at).
+    pub(super) fn parse(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Self {
+        Self {
+            layout: Layout::parse(mem, chain),
+        }
     }
-    // The writable stream is at most the chain's length, which virtio-queue
-    // caps at u32::MAX bytes, and `written` does not count the status byte.
-    u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+
+    /// The most data bytes the request can move between guest memory and
+    /// the disk, whatever its header says: every buffer but the header
+    /// and the status byte. This is what a rate limiter charges, and it
+    /// does not depend on guest memory the driver could change before the
+    /// request runs.
+    pub(super) fn data_len(&self) -> u64 {
+        self.layout.as_ref().map_or(0, |l| {
+            (total(&l.readable) + total(&l.writable)).saturating_sub(HEADER_LEN as u64)
+        })
+    }
+
+    /// Runs the request and returns the used length for it.
+    pub(super) fn run(self, disk: &Disk, mem: &GuestMemoryMmap, negotiated: Negotiated) -> u32 {
+        let Some(mut layout) = self.layout else {
+            log::debug!("virtio-blk: chain without a writable status byte; returned unanswered");
+            return 0;
+        };
+        let (status, written) = if layout.malformed {
+            (VIRTIO_BLK_S_IOERR, 0)
+        } else {
+            execute(disk, mem, &mut layout, negotiated)
+        };
+        // `status` is one of the VIRTIO_BLK_S_* values, all below 256.
+        let status = u8::try_from(status).unwrap_or(u8::MAX);
+        if mem.write_obj(status, layout.status).is_err() {
+            return 0;
+        }
+        // The writable stream is at most the chain's length, which
+        // virtio-queue caps at u32::MAX bytes, and `written` does not count
+        // the status byte.
+        u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+    }
 }
 
 impl Layout {

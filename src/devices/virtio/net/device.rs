@@ -16,6 +16,7 @@ use crate::devices::virtio::{
     device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterState};
 
 /// Index of the receive queue.
 pub(super) const RX_QUEUE: usize = 0;
@@ -71,6 +72,9 @@ pub(super) enum RxStop {
     NoBuffers,
     /// The TAP reported end of file or an error: it will not be read again.
     TapGone,
+    /// The receive rate limiter refused the next frame, which waits (as
+    /// the pending frame) for the limiter's timer.
+    Throttled,
 }
 
 /// A virtio-net device backed by a TAP. Frames move on the event loop (see
@@ -96,6 +100,10 @@ pub struct Net {
     pub(super) tap_gone: bool,
     /// How the TAP is registered with the event loop.
     pub(super) tap_watch: TapWatch,
+    /// Limits on frames and bytes delivered to the guest.
+    pub(super) rx_rate_limiter: Option<RateLimiter>,
+    /// Limits on frames and bytes the guest sends.
+    pub(super) tx_rate_limiter: Option<RateLimiter>,
 }
 
 impl std::fmt::Debug for Net {
@@ -142,7 +150,41 @@ impl Net {
             rx_wants_tap: false,
             tap_gone: false,
             tap_watch: TapWatch::Unregistered,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         })
+    }
+
+    /// The same device with receive (`rx`) and transmit (`tx`) limits:
+    /// each frame costs one operation and its Ethernet bytes (see
+    /// [`crate::rate_limiter`]). A refused transmit chain stays in its
+    /// ring; a refused received frame waits in the device, and the TAP is
+    /// not read meanwhile. An unlimited configuration means no limiter for
+    /// that direction. Call this before the device goes on the event loop,
+    /// which then watches the limiters' timers.
+    pub fn with_rate_limiters(
+        mut self,
+        rx: &RateLimiterConfig,
+        tx: &RateLimiterConfig,
+    ) -> Result<Net, NetError> {
+        let make = |config: &RateLimiterConfig, direction| {
+            if config.is_unlimited() {
+                return Ok(None);
+            }
+            RateLimiter::new(config)
+                .map(Some)
+                .map_err(|source| NetError::RateLimiter { direction, source })
+        };
+        self.rx_rate_limiter = make(rx, "receive")?;
+        self.tx_rate_limiter = make(tx, "transmit")?;
+        Ok(self)
+    }
+
+    /// The receive and transmit limits (unlimited without a limiter).
+    pub fn rate_limiter_configs(&self) -> (RateLimiterConfig, RateLimiterConfig) {
+        let config =
+            |l: &Option<RateLimiter>| l.as_ref().map(RateLimiter::config).unwrap_or_default();
+        (config(&self.rx_rate_limiter), config(&self.tx_rate_limiter))
     }
 
     /// The TAP interface's name.
@@ -169,6 +211,9 @@ impl Net {
     pub(super) fn rx_pass(&mut self) {
         match self.process_rx() {
             Ok(stop) => {
+                // Throttled or without buffers, a readable TAP would wake the
+                // loop for nothing: the timer or the driver's notification
+                // brings the next pass.
                 self.rx_wants_tap = matches!(stop, RxStop::TapDrained | RxStop::BudgetSpent);
                 if stop == RxStop::TapGone {
                     self.tap_gone = true;
@@ -198,11 +243,18 @@ impl Net {
             pending_rx,
             counters,
             tap_gone,
+            rx_rate_limiter,
             ..
         } = self;
         let Some(Active { mem, rx, .. }) = active else {
             return Ok(RxStop::Inactive);
         };
+        if rx_rate_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
+        {
+            return Ok(RxStop::Throttled);
+        }
         if *tap_gone {
             return Ok(RxStop::TapGone);
         }
@@ -257,6 +309,15 @@ impl Net {
                     break;
                 }
             };
+            let frame_len = (len - VNET_HDR_LEN) as u64;
+            if let Some(limiter) = rx_rate_limiter {
+                if !limiter.consume(1, frame_len) {
+                    rx.go_to_previous_position();
+                    *pending_rx = Some(len);
+                    result = Ok(RxStop::Throttled);
+                    break;
+                }
+            }
             let head = chain.head_index();
             match frame::write_rx(mem, chain, &buf[VNET_HDR_LEN..]) {
                 Ok(Some(written)) => {
@@ -266,7 +327,7 @@ impl Net {
                     }
                     used = true;
                     counters.rx_frames += 1;
-                    counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                    counters.rx_bytes += frame_len;
                 }
                 Ok(None) => {
                     // Too big for the buffer: drop the frame, keep the
@@ -302,11 +363,18 @@ impl Net {
             tx_buf,
             counters,
             queue_events,
+            tx_rate_limiter,
             ..
         } = self;
         let Some(Active { mem, tx, .. }) = active else {
             return Ok(());
         };
+        if tx_rate_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
+        {
+            return Ok(());
+        }
         let mut used = false;
         let mut result = Ok(());
         let mut budget = FRAMES_PER_PASS;
@@ -320,7 +388,22 @@ impl Net {
                 }
             };
             let head = chain.head_index();
-            match frame::read_tx(mem, chain, tx_buf) {
+            let frame = frame::read_tx(mem, chain, tx_buf);
+            // A frame costs one operation and its bytes; a dropped chain
+            // one operation, so that malformed chains are limited too.
+            let cost = match &frame {
+                Ok(TxFrame::Ready(len)) => Some((len - VNET_HDR_LEN) as u64),
+                Ok(TxFrame::Drop(_)) => Some(0),
+                Err(_) => None,
+            };
+            if let (Some(bytes), Some(limiter)) = (cost, tx_rate_limiter.as_mut()) {
+                if !limiter.consume(1, bytes) {
+                    // Read again when the budget is back.
+                    tx.go_to_previous_position();
+                    break;
+                }
+            }
+            match frame {
                 Ok(TxFrame::Ready(len)) => match tap.write_frame(&tx_buf[..len]) {
                     Ok(n) if n == len => {
                         counters.tx_frames += 1;
@@ -493,6 +576,23 @@ impl VirtioDevice for Net {
             .as_ref()
             .map(|a| vec![a.rx.state(), a.tx.state()])
             .unwrap_or_default()
+    }
+
+    /// Receive, then transmit.
+    fn rate_limiter_states(&self) -> Vec<RateLimiterState> {
+        [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .map(|l| l.as_ref().map(RateLimiter::save).unwrap_or_default())
+            .collect()
+    }
+
+    fn restore_rate_limiters(&mut self, states: &[RateLimiterState]) {
+        let limiters = [&mut self.rx_rate_limiter, &mut self.tx_rate_limiter];
+        for (limiter, state) in limiters.into_iter().zip(states) {
+            if let Some(limiter) = limiter {
+                limiter.restore(state);
+            }
+        }
     }
 
     fn reset(&mut self) {

@@ -1,5 +1,5 @@
-//! The device's file descriptors on the event loop: the two queue eventfds
-//! and the TAP.
+//! The device's file descriptors on the event loop: the two queue eventfds,
+//! the TAP, and the receive and transmit rate limiters' timerfds.
 //!
 //! The TAP stays registered but is only watched for `EPOLLIN` while the
 //! receive side can use a frame: epoll is level triggered, so a readable TAP
@@ -17,6 +17,10 @@ const RX_QUEUE_EVENT: u32 = 0;
 const TX_QUEUE_EVENT: u32 = 1;
 /// Event data of the TAP.
 const TAP_EVENT: u32 = 2;
+/// Event data of the receive rate limiter's timerfd.
+const RX_LIMITER_EVENT: u32 = 3;
+/// Event data of the transmit rate limiter's timerfd.
+const TX_LIMITER_EVENT: u32 = 4;
 
 /// How the TAP is registered with the event loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +81,22 @@ impl MutEventSubscriber for Net {
                     self.tx_pass();
                 }
             }
+            RX_LIMITER_EVENT => {
+                if let Some(limiter) = &mut self.rx_rate_limiter {
+                    limiter.timer_fired();
+                }
+                if self.is_running() {
+                    self.rx_pass();
+                }
+            }
+            TX_LIMITER_EVENT => {
+                if let Some(limiter) = &mut self.tx_rate_limiter {
+                    limiter.timer_fired();
+                }
+                if self.is_running() {
+                    self.tx_pass();
+                }
+            }
             TAP_EVENT => {
                 let set = events.event_set();
                 if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
@@ -100,6 +120,16 @@ impl MutEventSubscriber for Net {
             let evt = &self.queue_events[index];
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 log::error!("virtio-net: cannot watch queue {index}'s eventfd: {e:?}");
+            }
+        }
+        for (limiter, data) in [
+            (&self.rx_rate_limiter, RX_LIMITER_EVENT),
+            (&self.tx_rate_limiter, TX_LIMITER_EVENT),
+        ] {
+            if let Some(limiter) = limiter {
+                if let Err(e) = ops.add(Events::with_data(limiter, data, EventSet::IN)) {
+                    log::error!("virtio-net: cannot watch a rate limiter's timer: {e:?}");
+                }
             }
         }
         // Not watched for EPOLLIN until the driver is running with receive

@@ -18,6 +18,12 @@
 //!   (the chain stays available for the next one); never truncated. While the
 //!   driver has no receive buffer, the device holds one frame and stops
 //!   watching the TAP until the driver's next receive-queue notification.
+//! - Rate limits ([`Net::with_rate_limiters`]): receive and transmit have
+//!   a limiter each; a frame costs one operation and its Ethernet bytes (a
+//!   malformed transmit chain one operation). A refused transmit chain
+//!   stays in the ring; a refused received frame is held like a frame
+//!   without a buffer, and the TAP is not watched. The limiter's timerfd
+//!   starts the next pass.
 //! - A ring the driver broke (a descriptor outside guest memory, a looping
 //!   or truncated chain, an available index from nowhere, readable
 //!   descriptors in a receive chain) marks the device failed: `needs_reset()`
@@ -132,6 +138,16 @@ pub enum NetError {
     /// An eventfd for a queue could not be created.
     #[error("could not create the queue eventfds (out of file descriptors?)")]
     EventFd(#[source] io::Error),
+    /// A rate limiter's configuration is invalid or its timer could not be
+    /// created.
+    #[error("virtio-net {direction} rate limiter: {source}")]
+    RateLimiter {
+        /// "receive" or "transmit".
+        direction: &'static str,
+        /// What is wrong.
+        #[source]
+        source: crate::rate_limiter::RateLimiterError,
+    },
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

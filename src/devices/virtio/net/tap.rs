@@ -125,8 +125,8 @@ impl Tap {
     /// Wraps any descriptor that keeps frame boundaries (a `SOCK_DGRAM` or
     /// `SOCK_SEQPACKET` socket) as if it were a TAP: its peer writes and
     /// reads each frame behind a 12-byte virtio-net header, as the kernel's
-    /// end of a TAP does. For tests and benchmarks.
-    #[cfg(any(test, feature = "test-utils"))]
+    /// end of a TAP does. For tests and benchmarks, or to put a user-space
+    /// network stack behind the device.
     pub fn from_frame_socket(fd: OwnedFd, name: &str) -> Result<Tap, NetError> {
         let file = File::from(fd);
         set_nonblocking(&file)?;

@@ -203,3 +203,45 @@ fn a_hung_up_tap_leaves_the_loop() {
     assert_eq!(n.tap_watch, TapWatch::Removed);
     assert!(!n.needs_reset(), "the guest's side is fine");
 }
+
+#[test]
+fn limiter_timers_resume_both_directions_without_spinning() {
+    use super::rate_limit::limits;
+
+    // One frame per 30 ms each way.
+    let (net, peer) = device();
+    let one_per_30ms = limits(None, Some((1, 30)));
+    let net = net
+        .with_rate_limiters(&one_per_30ms, &one_per_30ms)
+        .unwrap();
+    let mut l = LoopRig::new(net, peer);
+    l.settle();
+    for seed in 1..=3 {
+        l.t.add_rx(&[2048]);
+        l.t.peer_send(&with_header(0, 0, &ether(100, seed)));
+        l.t.add_tx(&[&with_header(0, 0, &ether(100, seed + 10))]);
+    }
+    let start = std::time::Instant::now();
+    l.notify(0);
+    l.notify(1);
+    l.settle();
+    assert_eq!(l.t.rxq.used_idx(&l.t.mem), 1);
+    assert_eq!(l.t.txq.used_idx(&l.t.mem), 1);
+    // Throttled: the readable TAP is not watched, so the loop sleeps until
+    // a timer fires.
+    assert_eq!(l.net().tap_watch, TapWatch::Idle);
+    while l.t.rxq.used_idx(&l.t.mem) < 3 || l.t.txq.used_idx(&l.t.mem) < 3 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the timers did not bring the frames"
+        );
+        l.manager.run_with_timeout(1000).unwrap();
+        l.settle();
+    }
+    // Two refills of 30 ms (a slow host only makes it later).
+    assert!(start.elapsed() >= std::time::Duration::from_millis(59));
+    for seed in 11..=13 {
+        assert_eq!(l.t.peer_recv(), Some(with_header(0, 0, &ether(100, seed))));
+    }
+    assert_eq!(l.net().counters().rx_frames, 3);
+}

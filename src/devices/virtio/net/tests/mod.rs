@@ -4,6 +4,7 @@
 //! TAP when the host allows it.
 
 mod event_loop;
+mod rate_limit;
 mod real_tap;
 mod rig;
 mod rx;
