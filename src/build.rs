@@ -156,10 +156,19 @@ mod aarch64 {
                     devices.attach_virtio(vm, memory, net)?;
                     saved.push(SavedDevice::Net { tap, mac });
                 }
-                VirtioConfig::Vsock { cid, uds_path } => {
-                    let vsock = Vsock::new(cid, &uds_path).map_err(DeviceError::from)?;
+                VirtioConfig::Vsock {
+                    cid,
+                    uds_path,
+                    config,
+                } => {
+                    let vsock = Vsock::with_config(cid, &uds_path, config.clone())
+                        .map_err(DeviceError::from)?;
                     devices.attach_virtio(vm, memory, vsock)?;
-                    saved.push(SavedDevice::Vsock { cid, uds_path });
+                    saved.push(SavedDevice::Vsock {
+                        cid,
+                        uds_path,
+                        config,
+                    });
                 }
             }
         }

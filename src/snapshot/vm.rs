@@ -512,12 +512,17 @@ mod aarch64 {
                     net += 1;
                     VirtioConfig::Net { tap, mac: *mac }
                 }
-                SavedDevice::Vsock { cid, uds_path } => VirtioConfig::Vsock {
+                SavedDevice::Vsock {
+                    cid,
+                    uds_path,
+                    config,
+                } => VirtioConfig::Vsock {
                     cid: *cid,
                     uds_path: restore
                         .vsock_uds
                         .clone()
                         .unwrap_or_else(|| uds_path.clone()),
+                    config: config.clone(),
                 },
             });
         }

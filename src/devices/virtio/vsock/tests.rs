@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::packet::{op, shutdown, Header, HDR_LEN};
 use super::tests_util::*;
 use super::{
-    Vsock, VsockError, CONN_BUF_ALLOC, HOST_CID, MAX_PKT_LEN, RST_QUEUE_SOFT_MAX, RXQ, TXQ,
+    Vsock, VsockError, DEFAULT_BUFFER_SIZE as CONN_BUF_ALLOC, HOST_CID, MAX_PKT_LEN,
+    RST_QUEUE_SOFT_MAX, RXQ, TXQ,
 };
 use crate::devices::virtio::{device_type, interrupt_status, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -668,8 +669,10 @@ fn sixty_four_concurrent_connections() {
 
 #[test]
 fn connections_are_capped() {
-    let mut rig = Rig::new();
-    rig.dev().backend.max_connections = 4;
+    let mut rig = Rig::with_config(super::VsockConfig {
+        max_connections: Some(4),
+        ..test_config()
+    });
     let listener = UnixListener::bind(rig.port_path(91)).unwrap();
     let mut keep = Vec::new();
     for i in 0..4 {
