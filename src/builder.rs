@@ -110,8 +110,14 @@ pub(crate) struct Payload {
 // Only aarch64 hosts build VMs; elsewhere the fields are validated, not used.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 pub(crate) enum VirtioConfig {
-    Block { path: PathBuf, read_only: bool },
-    Net { tap: TapConfig, mac: [u8; 6] },
+    Block {
+        path: PathBuf,
+        read_only: bool,
+    },
+    Net {
+        tap: TapConfig,
+        mac: [u8; 6],
+    },
     Vsock {
         cid: u64,
         uds_path: PathBuf,

@@ -130,7 +130,9 @@ pub enum VsockConfigError {
     #[error("vsock max_connections is 0, which refuses every connection: use None for the default or a limit of at least 1")]
     ZeroMaxConnections,
     /// `buffer_size` is outside the allowed range.
-    #[error("vsock buffer_size {0} is out of range: use {MIN_BUFFER_SIZE} to {MAX_BUFFER_SIZE} bytes")]
+    #[error(
+        "vsock buffer_size {0} is out of range: use {MIN_BUFFER_SIZE} to {MAX_BUFFER_SIZE} bytes"
+    )]
     BufferSize(u32),
     /// `connect_timeout` is zero or too long.
     #[error("vsock connect_timeout {0:?} is out of range: use more than zero and at most {MAX_TIMEOUT:?}")]
