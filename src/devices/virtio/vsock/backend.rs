@@ -393,6 +393,7 @@ impl Backend {
         self.by_ports.clear();
         self.rx_ready.clear();
         self.rst_queue.clear();
+        self.deadlines.clear();
         self.dirty.clear();
         self.listener_paused = false;
     }

@@ -254,6 +254,27 @@ mod tests {
     }
 
     #[test]
+    fn a_config_survives_the_snapshot_encoding() {
+        for config in [
+            VsockConfig::default(),
+            VsockConfig {
+                host_ports: HostPorts::Any,
+                max_connections: Some(7),
+                buffer_size: MIN_BUFFER_SIZE,
+                connect_timeout: Duration::from_millis(1500),
+                drain_timeout: Duration::ZERO,
+            },
+            VsockConfig::default()
+                .allow_host_port(0)
+                .allow_host_port(u32::MAX),
+        ] {
+            let bytes = postcard::to_allocvec(&config).unwrap();
+            let back: VsockConfig = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back, config);
+        }
+    }
+
+    #[test]
     fn the_default_connection_limit_follows_the_fd_limit() {
         assert_eq!(default_max_connections(1024), 128);
         assert_eq!(default_max_connections(4096), 512);
