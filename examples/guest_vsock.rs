@@ -8,8 +8,15 @@
 //!                                              parallel connections (default
 //!                                              1), each sending BYTES and
 //!                                              checking the echo
+//! guest_vsock write CID PORT BYTES             one connection: sends BYTES
+//!                                              (pattern seed 0), then closes
+//! guest_vsock flood CID PORT N                 opens up to N connections and
+//!                                              holds them, forever
 //! ```
-//! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched.
+//! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched;
+//! `write` prints `@@vsock_written=<bytes>` once it closed the connection;
+//! `flood` prints `@@flood=<connected> <refused> <other errors>` once it
+//! tried N times, then creates `/flood.done` and keeps the connections.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -131,6 +138,41 @@ fn send(cid: u32, port: u32, bytes: usize, rounds: usize, parallel: usize) -> io
     Ok(())
 }
 
+/// Sends `bytes` bytes of pattern 0 on one connection, then closes it.
+fn write_and_close(cid: u32, port: u32, bytes: usize) -> io::Result<()> {
+    let mut stream = connect(cid, port)?;
+    stream.write_all(&pattern(0, bytes))?;
+    drop(stream);
+    println!("@@vsock_written={bytes}");
+    Ok(())
+}
+
+/// Opens up to `n` connections one after another and holds them.
+fn flood(cid: u32, port: u32, n: usize) -> io::Result<()> {
+    // More fds than the default 1024, so the device's limit is what stops
+    // the flood (root may raise its own limit).
+    let want = libc::rlimit {
+        rlim_cur: 65536,
+        rlim_max: 65536,
+    };
+    // SAFETY: setrlimit only reads the struct, which lives across the call.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) })?;
+    let mut held = Vec::new();
+    let (mut refused, mut other) = (0usize, 0usize);
+    for _ in 0..n {
+        match connect(cid, port) {
+            Ok(s) => held.push(s),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => refused += 1,
+            Err(_) => other += 1,
+        }
+    }
+    println!("@@flood={} {refused} {other}", held.len());
+    std::fs::write("/flood.done", b"")?;
+    loop {
+        thread::park();
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize, default: usize| -> usize {
@@ -144,8 +186,18 @@ fn main() -> ExitCode {
             let port = u32::try_from(num(2, 0)).unwrap_or(0);
             send(cid, port, num(3, 4096), num(4, 1), num(5, 1))
         }
+        Some(cmd @ ("write" | "flood")) => {
+            let cid = u32::try_from(num(1, 2)).unwrap_or(2);
+            let port = u32::try_from(num(2, 0)).unwrap_or(0);
+            if cmd == "write" {
+                write_and_close(cid, port, num(3, 4096))
+            } else {
+                flood(cid, port, num(3, 1))
+            }
+        }
         _ => Err(io::Error::other(
-            "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL]",
+            "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL] \
+             | write CID PORT BYTES | flood CID PORT N",
         )),
     };
     match result {

@@ -178,10 +178,19 @@ mod aarch64 {
                         tx_rate_limiter,
                     });
                 }
-                VirtioConfig::Vsock { cid, uds_path } => {
-                    let vsock = Vsock::new(cid, &uds_path).map_err(DeviceError::from)?;
+                VirtioConfig::Vsock {
+                    cid,
+                    uds_path,
+                    config,
+                } => {
+                    let vsock = Vsock::with_config(cid, &uds_path, config.clone())
+                        .map_err(DeviceError::from)?;
                     devices.attach_virtio(vm, memory, vsock)?;
-                    saved.push(SavedDevice::Vsock { cid, uds_path });
+                    saved.push(SavedDevice::Vsock {
+                        cid,
+                        uds_path,
+                        config,
+                    });
                 }
             }
         }

@@ -11,6 +11,7 @@ use crate::arch::aarch64::layout::{self, DRAM_START};
 use crate::device_manager::MAX_VIRTIO_DEVICES;
 use crate::devices::serial::{SerialInput, SerialOutput};
 use crate::devices::virtio::net::TapConfig;
+use crate::devices::virtio::vsock::{VsockConfig, VsockConfigError};
 use crate::memory;
 use crate::rate_limiter::{RateLimiterConfig, RateLimiterConfigError};
 use crate::{Error, MicroVm};
@@ -71,6 +72,9 @@ pub enum ConfigError {
         "guest CID {0} is reserved (0, 1 and 2 are, and CIDs must fit 32 bits): use 3 or more"
     )]
     InvalidCid(u64),
+    /// The vsock device's [`VsockConfig`] is out of range.
+    #[error(transparent)]
+    Vsock(#[from] VsockConfigError),
     /// The command line is longer than the kernel accepts.
     #[error("the kernel command line is {len} bytes; arm64 Linux accepts at most {max}")]
     CmdlineTooLong {
@@ -131,6 +135,7 @@ pub(crate) enum VirtioConfig {
     Vsock {
         cid: u64,
         uds_path: PathBuf,
+        config: VsockConfig,
     },
 }
 
@@ -444,12 +449,27 @@ impl MicroVmBuilder {
 
     /// A virtio-vsock device: the guest's CID, and the Unix socket the host
     /// side listens on (host processes connect to it and write
-    /// `CONNECT <port>\n`; guest connections to host port P go to
-    /// `<uds_path>_P`).
-    pub fn vsock(mut self, guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+    /// `CONNECT <port>\n`), with the default [`VsockConfig`]: the guest
+    /// may not connect to any host port. Use
+    /// [`vsock_with`](Self::vsock_with) to allow some.
+    pub fn vsock(self, guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        self.vsock_with(guest_cid, uds_path, VsockConfig::default())
+    }
+
+    /// A virtio-vsock device as [`vsock`](Self::vsock) makes, with its
+    /// configuration: guest connections to an allowed host port P go to
+    /// `<uds_path>_P`; the connection limit, buffer size and timeouts. A
+    /// snapshot keeps the configuration, and a restore uses it again.
+    pub fn vsock_with(
+        mut self,
+        guest_cid: u64,
+        uds_path: impl Into<PathBuf>,
+        config: VsockConfig,
+    ) -> Self {
         self.virtio.push(VirtioConfig::Vsock {
             cid: guest_cid,
             uds_path: uds_path.into(),
+            config,
         });
         self
     }
@@ -503,13 +523,14 @@ impl MicroVmBuilder {
             return Err(ConfigError::TooManyDevices(self.virtio.len()));
         }
         let mut vsocks = self.virtio.iter().filter_map(|d| match d {
-            VirtioConfig::Vsock { cid, .. } => Some(*cid),
+            VirtioConfig::Vsock { cid, config, .. } => Some((*cid, config)),
             _ => None,
         });
-        if let Some(cid) = vsocks.next() {
+        if let Some((cid, config)) = vsocks.next() {
             if cid <= 2 || cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::InvalidCid(cid));
             }
+            config.validate()?;
         }
         if vsocks.next().is_some() {
             return Err(ConfigError::MultipleVsock);
@@ -734,6 +755,17 @@ mod tests {
             err(valid().vsock(3, "/v").vsock(4, "/w")),
             ConfigError::MultipleVsock
         );
+        let bad = VsockConfig {
+            buffer_size: 0,
+            ..VsockConfig::default()
+        };
+        let e = err(valid().vsock_with(3, "/v", bad));
+        assert_eq!(e, ConfigError::Vsock(VsockConfigError::BufferSize(0)));
+        assert!(e.to_string().contains("buffer_size"), "{e}");
+        valid()
+            .vsock_with(3, "/v", VsockConfig::default().allow_host_port(1))
+            .validate()
+            .unwrap();
         let mut many = valid();
         for i in 0..=MAX_VIRTIO_DEVICES {
             many = many.block(format!("/disk{i}"), false);

@@ -17,7 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use dormouse::devices::virtio::vsock::Vsock;
+use dormouse::devices::virtio::vsock::{Vsock, VsockConfig};
 use dormouse::devices::virtio::{Interrupt, VirtioDevice};
 use dormouse::devices::EventFdTrigger;
 use dormouse_fuzz::event::Loop;
@@ -35,7 +35,8 @@ const MAX_PKT_LEN: usize = 64 * 1024;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
-/// Host ports with a listener (guest-initiated connections go there).
+/// Host ports with a listener (guest-initiated connections go there); the
+/// device allows the first, so the second exercises the refusal.
 const HOST_PORTS: [u32; 2] = [1024, 1025];
 /// Guest ports the host asks for, and the device's first local ports.
 const GUEST_PORTS: [u32; 2] = [52, 53];
@@ -230,7 +231,12 @@ fn run(data: &[u8]) -> Corpus {
     let uds = dir().join("v.sock");
     let _ = std::fs::remove_file(&uds);
     let dev = Arc::new(Mutex::new(
-        Vsock::new(GUEST_CID, &uds).expect("creating the vsock device"),
+        Vsock::with_config(
+            GUEST_CID,
+            &uds,
+            VsockConfig::default().allow_host_port(HOST_PORTS[0]),
+        )
+        .expect("creating the vsock device"),
     ));
     let mut guest = Guest::new(MEM_SIZE as usize);
     let rings = [0, 1, 2].map(|q| Ring::new(&mut guest, ring_base(q), 1).0);

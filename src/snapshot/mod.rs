@@ -210,6 +210,8 @@ pub enum SavedDevice {
         cid: u64,
         /// The host-side Unix socket.
         uds_path: PathBuf,
+        /// Its configuration (allowed host ports, limits, timeouts).
+        config: crate::devices::virtio::vsock::VsockConfig,
     },
 }
 

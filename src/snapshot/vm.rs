@@ -527,12 +527,17 @@ mod aarch64 {
                         tx_rate_limiter: *tx_rate_limiter,
                     }
                 }
-                SavedDevice::Vsock { cid, uds_path } => VirtioConfig::Vsock {
+                SavedDevice::Vsock {
+                    cid,
+                    uds_path,
+                    config,
+                } => VirtioConfig::Vsock {
                     cid: *cid,
                     uds_path: restore
                         .vsock_uds
                         .clone()
                         .unwrap_or_else(|| uds_path.clone()),
+                    config: config.clone(),
                 },
             });
         }

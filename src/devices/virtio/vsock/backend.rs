@@ -12,20 +12,32 @@
 //! the end of every event-loop pass, takes its stream off the event loop
 //! before closing it (event-manager would otherwise keep the stale fd
 //! number and refuse the next stream that gets it).
+//!
+//! Limits: a guest connection goes only to a host port the configuration
+//! allows; the device holds at most `max_connections` connections, and
+//! each takes one fd from the process-wide budget (`budget`). Deadlines
+//! (a host `CONNECT` the guest does not answer, a closed connection still
+//! draining) sit in a min-heap; the device's timer wakes the loop for the
+//! earliest, and [`Backend::expire`] closes what is overdue.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
 
-use super::connection::{ConnKey, Connection, Line, RxOutcome, State, Verdict};
+use super::budget::{self, FdBudget, FdToken};
+use super::config::{HostPorts, VsockConfig};
+use super::connection::{ConnKey, Connection, Line, RxOutcome, Setup, State, Verdict};
 use super::packet::{op, Header};
 use super::unix::connect_nonblocking;
-use super::{LOCAL_PORT_START, MAX_CONNECTIONS, RST_QUEUE_MAX, RST_QUEUE_SOFT_MAX};
+use super::warn_limit::{limited_warn, WarnLimiter};
+use super::{LOCAL_PORT_START, RST_QUEUE_SOFT_MAX};
 
 /// The listener's token on the event loop.
 pub(crate) const LISTENER_TOKEN: u32 = 4;
@@ -47,13 +59,57 @@ pub(crate) enum NextRx {
     Packet(Header, usize),
 }
 
+/// The limits a backend enforces, from its [`VsockConfig`].
+#[derive(Debug)]
+pub(crate) struct Limits {
+    pub(crate) host_ports: HostPorts,
+    pub(crate) max_connections: usize,
+    /// The fds all devices in the process may hold in connections.
+    pub(crate) process_cap: usize,
+    /// Where connection fds are counted.
+    pub(crate) budget: &'static FdBudget,
+    pub(crate) buf_alloc: u32,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits of a (validated) configuration, now, in this process.
+    pub(crate) fn new(config: &VsockConfig) -> Self {
+        Self {
+            host_ports: config.host_ports.clone(),
+            max_connections: config.effective_max_connections(),
+            process_cap: budget::process_cap(budget::soft_nofile()),
+            budget: &budget::PROCESS,
+            buf_alloc: config.buffer_size,
+            connect_timeout: config.connect_timeout,
+            drain_timeout: config.drain_timeout,
+        }
+    }
+}
+
+/// `now + d`, or the farthest representable instant (validated timeouts
+/// are at most an hour, which never overflows a monotonic clock).
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or(now)
+}
+
 /// The listener and the connections.
 #[derive(Debug)]
 pub(crate) struct Backend {
     listener: UnixListener,
     uds_path: PathBuf,
     guest_cid: u64,
-    pub(crate) max_connections: usize,
+    pub(crate) limits: Limits,
+    /// RST replies beyond this many are dropped: one per connection the
+    /// device may kill, plus what stalls guest transmission.
+    rst_queue_max: usize,
+    /// Guest- and host-triggered warnings go through here.
+    pub(crate) warn: WarnLimiter,
+    /// (deadline, connection): the earliest first. An entry whose
+    /// connection is gone or has another deadline by now is stale and
+    /// skipped.
+    deadlines: BinaryHeap<Reverse<(Instant, ConnKey)>>,
     conns: HashMap<ConnKey, Connection>,
     /// (local port, guest port) → connection.
     by_ports: HashMap<(u32, u32), ConnKey>,
@@ -82,12 +138,20 @@ fn first_local_port() -> u32 {
 }
 
 impl Backend {
-    pub(crate) fn new(listener: UnixListener, uds_path: &Path, guest_cid: u64) -> Self {
+    pub(crate) fn new(
+        listener: UnixListener,
+        uds_path: &Path,
+        guest_cid: u64,
+        limits: Limits,
+    ) -> Self {
         Self {
             listener,
             uds_path: uds_path.to_path_buf(),
             guest_cid,
-            max_connections: MAX_CONNECTIONS,
+            rst_queue_max: RST_QUEUE_SOFT_MAX.saturating_add(limits.max_connections),
+            limits,
+            warn: WarnLimiter::default(),
+            deadlines: BinaryHeap::new(),
             conns: HashMap::new(),
             by_ports: HashMap::new(),
             next_key: FIRST_CONN_KEY,
@@ -167,20 +231,126 @@ impl Backend {
         if conn.has_ports() {
             self.by_ports.insert((conn.local_port, conn.peer_port), key);
         }
+        let deadline = conn.deadline;
         self.conns.insert(key, conn);
+        if let Some(at) = deadline {
+            self.schedule(key, at);
+        }
         self.touch(key);
         Some(key)
     }
 
+    /// The fd budget for one more connection, unless this device or the
+    /// process holds as many as allowed.
+    fn admit(&mut self) -> Option<FdToken> {
+        if self.conns.len() >= self.limits.max_connections {
+            return None;
+        }
+        self.limits.budget.take(self.limits.process_cap)
+    }
+
+    /// What a new connection on `stream` is given, if it is admitted.
+    fn setup(&mut self, stream: UnixStream, fd: FdToken) -> Setup {
+        Setup {
+            stream,
+            fd,
+            buf_alloc: self.limits.buf_alloc,
+        }
+    }
+
+    /// Remembers that connection `key` has a deadline at `at`.
+    fn schedule(&mut self, key: ConnKey, at: Instant) {
+        self.deadlines.push(Reverse((at, key)));
+        // Stale entries leave the heap when their time comes; if a churn
+        // of short-lived connections piles them up, keep only live ones.
+        let live_bound = 4 * self.conns.len().max(64);
+        if self.deadlines.len() > live_bound {
+            let conns = &self.conns;
+            self.deadlines
+                .retain(|Reverse((at, k))| conns.get(k).is_some_and(|c| c.deadline == Some(*at)));
+        }
+    }
+
+    /// The earliest deadline (possibly of a connection that no longer
+    /// has it: waking for nothing is harmless).
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Closes every connection whose deadline passed by `now`: a host
+    /// `CONNECT` the guest did not answer (the host stream closes without
+    /// an `OK` line; the guest gets a RST if it was asked), or a drain that
+    /// did not finish.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(conn) = self.conns.get(&key) else {
+                continue;
+            };
+            if conn.deadline != Some(at) {
+                continue;
+            }
+            log::debug!(
+                "vsock: closing the connection of host port {} and guest port {}: {}",
+                conn.local_port,
+                conn.peer_port,
+                if conn.state == State::Draining {
+                    "the host did not take the guest's last bytes in time"
+                } else {
+                    "the guest did not accept the host's CONNECT in time"
+                }
+            );
+            self.kill(key, Verdict::Reset);
+        }
+    }
+
     fn push_rst(&mut self, hdr: Header) {
-        if self.rst_queue.len() >= RST_QUEUE_MAX {
-            log::warn!(
+        if self.rst_queue.len() >= self.rst_queue_max {
+            limited_warn!(
+                self.warn,
                 "vsock: dropping a RST for guest port {}: the guest takes no rx buffers",
                 hdr.dst_port
             );
             return;
         }
         self.rst_queue.push_back(hdr);
+    }
+
+    /// Forgets `key`'s port pair, if it still names `key`.
+    fn unmap_ports(&mut self, key: ConnKey, ports: (u32, u32)) {
+        if self.by_ports.get(&ports) == Some(&key) {
+            self.by_ports.remove(&ports);
+        }
+    }
+
+    /// The guest closed connection `key` (its packet `hdr`): answer it
+    /// with a RST if it expects one, and drain what waits for the host
+    /// stream (bounded by the drain timeout) before closing it.
+    fn close_from_guest(&mut self, key: ConnKey, rst: bool, hdr: &Header) {
+        if rst {
+            self.reply_rst(hdr);
+        }
+        let drain = self.limits.drain_timeout;
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if !conn.has_pending_write() || drain.is_zero() {
+            self.kill(key, Verdict::Close);
+            return;
+        }
+        let deadline = after(Instant::now(), drain);
+        conn.start_draining(deadline);
+        let ports = (conn.local_port, conn.peer_port);
+        let queued = std::mem::take(&mut conn.in_rx_ready);
+        if queued {
+            self.rx_ready.retain(|&k| k != key);
+        }
+        self.unmap_ports(key, ports);
+        self.schedule(key, deadline);
+        self.touch(key);
     }
 
     /// Answers a guest packet with a RST (never a RST with a RST).
@@ -197,7 +367,7 @@ impl Backend {
             return;
         };
         if conn.has_ports() {
-            self.by_ports.remove(&(conn.local_port, conn.peer_port));
+            self.unmap_ports(key, (conn.local_port, conn.peer_port));
         }
         if conn.in_rx_ready {
             self.rx_ready.retain(|&k| k != key);
@@ -223,6 +393,7 @@ impl Backend {
         self.by_ports.clear();
         self.rx_ready.clear();
         self.rst_queue.clear();
+        self.deadlines.clear();
         self.dirty.clear();
         self.listener_paused = false;
     }
@@ -247,6 +418,7 @@ impl Backend {
                 self.kill(key, Verdict::Close);
                 self.reply_rst(hdr);
             }
+            Verdict::Closing { rst } => self.close_from_guest(key, rst, hdr),
         }
     }
 
@@ -269,19 +441,33 @@ impl Backend {
     }
 
     fn connect_to_host(&mut self, req: &Header) {
-        if self.conns.len() >= self.max_connections {
-            log::warn!(
-                "vsock: refusing a guest connection to port {}: {} connections are open",
-                req.dst_port,
-                self.conns.len()
+        if !self.limits.host_ports.allows(req.dst_port) {
+            limited_warn!(
+                self.warn,
+                "vsock: refusing a guest connection to host port {}: the port is not allowed \
+                 (see VsockConfig::host_ports)",
+                req.dst_port
             );
             self.reply_rst(req);
             return;
         }
+        let Some(fd) = self.admit() else {
+            limited_warn!(
+                self.warn,
+                "vsock: refusing a guest connection to host port {}: {} connections are open \
+                 ({} fds held by vsock devices in this process)",
+                req.dst_port,
+                self.conns.len(),
+                self.limits.budget.held()
+            );
+            self.reply_rst(req);
+            return;
+        };
         let path = self.host_port_path(req.dst_port);
         match connect_nonblocking(&path) {
             Ok(stream) => {
-                if self.insert(Connection::from_guest(stream, req)).is_none() {
+                let setup = self.setup(stream, fd);
+                if self.insert(Connection::from_guest(setup, req)).is_none() {
                     self.reply_rst(req);
                 }
             }
@@ -297,18 +483,26 @@ impl Backend {
         for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() >= self.max_connections {
-                        log::warn!(
-                            "vsock: refusing a host connection: {} connections are open",
-                            self.conns.len()
+                    let Some(fd) = self.admit() else {
+                        limited_warn!(
+                            self.warn,
+                            "vsock: refusing a host connection: {} connections are open \
+                             ({} fds held by vsock devices in this process)",
+                            self.conns.len(),
+                            self.limits.budget.held()
+                        );
+                        continue;
+                    };
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        limited_warn!(
+                            self.warn,
+                            "vsock: cannot make a host connection non-blocking: {e}"
                         );
                         continue;
                     }
-                    if let Err(e) = stream.set_nonblocking(true) {
-                        log::warn!("vsock: cannot make a host connection non-blocking: {e}");
-                        continue;
-                    }
-                    self.insert(Connection::from_host(stream));
+                    let deadline = after(Instant::now(), self.limits.connect_timeout);
+                    let setup = self.setup(stream, fd);
+                    self.insert(Connection::from_host(setup, deadline));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
@@ -317,7 +511,8 @@ impl Backend {
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                     ) => {}
                 Err(e) => {
-                    log::warn!(
+                    limited_warn!(
+                        self.warn,
                         "vsock: accept failed ({e}); new host connections wait until one closes"
                     );
                     self.listener_paused = true;
@@ -409,7 +604,10 @@ impl Backend {
             match result {
                 Ok(()) => conn.registered = want,
                 Err(e) => {
-                    log::warn!("vsock: cannot watch a connection's stream ({e:?}): closing it");
+                    limited_warn!(
+                        self.warn,
+                        "vsock: cannot watch a connection's stream ({e:?}): closing it"
+                    );
                     self.kill(key, Verdict::Reset);
                 }
             }
@@ -425,7 +623,7 @@ impl Backend {
             };
             match result {
                 Ok(()) => self.listener_registered = want_listener,
-                Err(e) => log::error!("vsock: cannot (un)watch the listener: {e:?}"),
+                Err(e) => limited_warn!(self.warn, "vsock: cannot (un)watch the listener: {e:?}"),
             }
         }
     }
@@ -434,7 +632,10 @@ impl Backend {
         for conn in self.graveyard.drain(..) {
             if let Some(set) = conn.registered {
                 if let Err(e) = ops.remove(Events::with_data(&conn.stream, 0, set)) {
-                    log::warn!("vsock: cannot unwatch a closed connection: {e:?}");
+                    limited_warn!(
+                        self.warn,
+                        "vsock: cannot unwatch a closed connection: {e:?}"
+                    );
                 }
             }
             // A connection closed: a paused listener may accept again.

@@ -7,17 +7,25 @@
 //! device [`CONN_BUF_ALLOC`] bytes beyond what the device last said it
 //! forwarded, and those bytes wait in `wbuf` while the host stream is not
 //! writable. A guest that sends more is reset.
+//!
+//! Closing: when the guest closes the connection (SHUTDOWN of both
+//! directions, or RST) while its bytes still wait in `wbuf`, the connection
+//! becomes [`State::Draining`]: the guest is done with it, and the device
+//! keeps writing to the host stream until `wbuf` is empty or the drain
+//! deadline passes.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::EventSet;
 
+use super::budget::FdToken;
 use super::packet::{op, shutdown, Header, TYPE_STREAM};
 use super::unix::send;
-use super::{CONNECT_LINE_MAX, CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD, HOST_CID};
+use super::{CONNECT_LINE_MAX, HOST_CID};
 
 /// A connection's key: its token on the event loop.
 pub(crate) type ConnKey = u32;
@@ -42,6 +50,10 @@ pub(crate) enum State {
     LocalInit { request_sent: bool },
     /// Data flows.
     Established,
+    /// The guest closed the connection; the device writes what the guest
+    /// sent before to the host stream, then closes it. The guest knows
+    /// nothing of it any more.
+    Draining,
 }
 
 /// What a `CONNECT` line read came to.
@@ -76,6 +88,13 @@ pub(crate) enum Verdict {
     Close,
     /// Close it and send the guest a RST (when the guest knows of it).
     Reset,
+    /// The guest closed it: forget it on the guest's side (and answer the
+    /// guest with a RST if `rst`), drain what waits for the host stream,
+    /// then close it.
+    Closing {
+        /// Whether the guest expects a RST (it sent SHUTDOWN, not RST).
+        rst: bool,
+    },
 }
 
 /// One connection.
@@ -123,6 +142,12 @@ pub(crate) struct Connection {
     pub(crate) in_rx_ready: bool,
     /// The key sits in the backend's dirty list (its interest may change).
     pub(crate) dirty: bool,
+    /// When the handshake (host-initiated) or the drain gives up.
+    pub(crate) deadline: Option<Instant>,
+    /// The receive buffer advertised to the guest.
+    buf_alloc: u32,
+    /// This connection's fd, counted in the process's budget.
+    _fd: FdToken,
 }
 
 fn wrap(n: usize) -> Wrapping<u32> {
@@ -130,8 +155,21 @@ fn wrap(n: usize) -> Wrapping<u32> {
     Wrapping(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+/// What every new connection is given.
+#[derive(Debug)]
+pub(crate) struct Setup {
+    pub(crate) stream: UnixStream,
+    pub(crate) fd: FdToken,
+    pub(crate) buf_alloc: u32,
+}
+
 impl Connection {
-    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Self {
+    fn new(setup: Setup, state: State, local_port: u32, peer_port: u32) -> Self {
+        let Setup {
+            stream,
+            fd,
+            buf_alloc,
+        } = setup;
         Self {
             stream,
             state,
@@ -156,21 +194,27 @@ impl Connection {
             registered: None,
             in_rx_ready: false,
             dirty: false,
+            deadline: None,
+            buf_alloc,
+            _fd: fd,
         }
     }
 
-    /// A stream a host process opened on the listener.
-    pub(crate) fn from_host(stream: UnixStream) -> Self {
+    /// A stream a host process opened on the listener; its handshake must
+    /// be over by `deadline`.
+    pub(crate) fn from_host(setup: Setup, deadline: Instant) -> Self {
         let state = State::AwaitingConnectLine {
             line: [0; CONNECT_LINE_MAX],
             len: 0,
         };
-        Self::new(stream, state, 0, 0)
+        let mut c = Self::new(setup, state, 0, 0);
+        c.deadline = Some(deadline);
+        c
     }
 
     /// A guest REQUEST (`req`) the device connected to a host listener.
-    pub(crate) fn from_guest(stream: UnixStream, req: &Header) -> Self {
-        let mut c = Self::new(stream, State::Established, req.dst_port, req.src_port);
+    pub(crate) fn from_guest(setup: Setup, req: &Header) -> Self {
+        let mut c = Self::new(setup, State::Established, req.dst_port, req.src_port);
         c.peer_buf_alloc = req.buf_alloc;
         c.peer_fwd_cnt = Wrapping(req.fwd_cnt);
         c.need_response = true;
@@ -196,9 +240,27 @@ impl Connection {
         )
     }
 
-    /// Whether the connection has an identity (ports) on the vsock side.
+    /// Whether the connection has an identity (ports) on the vsock side
+    /// (a draining one keeps its host port until it is closed).
     pub(crate) fn has_ports(&self) -> bool {
         !matches!(self.state, State::AwaitingConnectLine { .. })
+    }
+
+    /// Whether bytes wait for the host stream.
+    pub(crate) fn has_pending_write(&self) -> bool {
+        self.pending_write() > 0
+    }
+
+    /// The guest closed the connection: from now on only the bytes that
+    /// wait are written, until `deadline`.
+    pub(crate) fn start_draining(&mut self, deadline: Instant) {
+        self.state = State::Draining;
+        self.deadline = Some(deadline);
+        self.read_closed = true;
+        self.host_readable = false;
+        self.need_response = false;
+        self.need_credit_update = false;
+        self.need_shutdown = 0;
     }
 
     /// Reads what there is of the `CONNECT <port>\n` line, one byte at a
@@ -247,6 +309,7 @@ impl Connection {
             State::AwaitingConnectLine { .. } => Some(EventSet::IN),
             // Only hang-ups and errors: the host process gave up waiting.
             State::LocalInit { .. } => Some(EventSet::empty()),
+            State::Draining => (self.pending_write() > 0).then_some(EventSet::OUT),
             State::Established => {
                 let mut set = EventSet::empty();
                 if !self.host_readable && !self.read_closed {
@@ -290,7 +353,7 @@ impl Connection {
             type_: TYPE_STREAM,
             op,
             flags,
-            buf_alloc: CONN_BUF_ALLOC,
+            buf_alloc: self.buf_alloc,
             fwd_cnt: self.fwd_cnt.0,
         }
     }
@@ -356,9 +419,14 @@ impl Connection {
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         match (self.state, hdr.op) {
+            (State::Established, op::RST) => {
+                let _ = self.flush();
+                Verdict::Closing { rst: false }
+            }
             (_, op::RST) => Verdict::Close,
             (State::LocalInit { request_sent: true }, op::RESPONSE) => {
                 self.state = State::Established;
+                self.deadline = None;
                 let line = format!("OK {}\n", self.local_port);
                 self.append(line.as_bytes());
                 self.wbuf_own += line.len();
@@ -379,9 +447,10 @@ impl Connection {
         self.peer_shutdown |= flags & shutdown::BOTH;
         if self.peer_shutdown == shutdown::BOTH {
             // The guest closed its socket: give the host what can be
-            // written without blocking, then reset as the guest expects.
+            // written without blocking now (the rest drains), and answer
+            // with the RST the guest expects.
             let _ = self.flush();
-            return Verdict::Reset;
+            return Verdict::Closing { rst: true };
         }
         if flags & shutdown::RCV != 0 {
             self.read_closed = true;
@@ -398,7 +467,7 @@ impl Connection {
             return Verdict::Reset;
         }
         let guest_pending = self.pending_write() - self.wbuf_own;
-        let limit = usize::try_from(CONN_BUF_ALLOC).unwrap_or(usize::MAX);
+        let limit = usize::try_from(self.buf_alloc).unwrap_or(usize::MAX);
         if guest_pending + data.len() > limit {
             log::debug!(
                 "vsock: guest port {} overran its credit on host port {}: resetting",
@@ -435,7 +504,9 @@ impl Connection {
     }
 
     fn check_credit_threshold(&mut self) {
-        if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD {
+        // After forwarding a quarter of its buffer since it last told the
+        // guest, the device sends a CREDIT_UPDATE.
+        if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= self.buf_alloc / 4 {
             self.need_credit_update = true;
         }
     }
@@ -493,6 +564,20 @@ impl Connection {
             State::LocalInit { .. } => {
                 if trouble {
                     Verdict::Reset
+                } else {
+                    Verdict::Keep
+                }
+            }
+            State::Draining => {
+                // Done when empty; a host that hung up or failed gets no
+                // more.
+                let flushed = if set.contains(EventSet::OUT) || trouble {
+                    self.flush()
+                } else {
+                    Ok(())
+                };
+                if flushed.is_err() || self.pending_write() == 0 {
+                    Verdict::Close
                 } else {
                     Verdict::Keep
                 }
@@ -567,8 +652,15 @@ mod tests {
 
     #[test]
     fn credit_saturates_when_the_guest_shrinks_its_buffer() {
+        static BUDGET: crate::devices::virtio::vsock::budget::FdBudget =
+            crate::devices::virtio::vsock::budget::FdBudget::new();
         let (a, _b) = UnixStream::pair().unwrap();
-        let mut c = Connection::from_host(a);
+        let setup = Setup {
+            stream: a,
+            fd: BUDGET.take(1).unwrap(),
+            buf_alloc: 4096,
+        };
+        let mut c = Connection::from_host(setup, Instant::now());
         c.peer_buf_alloc = 100;
         c.tx_cnt = Wrapping(5);
         c.peer_fwd_cnt = Wrapping(u32::MAX - 4); // wrapped: 10 in flight

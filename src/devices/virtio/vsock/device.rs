@@ -6,13 +6,17 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::backend::{Backend, NextRx};
+use super::backend::{Backend, Limits, NextRx};
+use super::config::{VsockConfig, VsockConfigError};
 use super::packet::{self, op, Header, EVENT_TRANSPORT_RESET, HDR_LEN};
-use super::unix::connect_nonblocking;
+use super::unix::{connect_nonblocking, set_nonblocking};
+use super::warn_limit::limited_warn;
 use super::{EVQ, HOST_CID, MAX_PKT_LEN, QUEUE_SIZE, RXQ, TXQ};
 use crate::devices::virtio::{
     device_type, ActivateError, Interrupt, Queue, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -21,8 +25,11 @@ use crate::memory::GuestMemoryMmap;
 
 /// The device's three queues, all of the same maximum size.
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
-/// The most rx buffers one pass fills, plus one visit per connection.
-const RX_ROUNDS: usize = 2 * QUEUE_SIZE as usize + super::MAX_CONNECTIONS;
+/// The most rx buffers one pass fills (plus one visit per connection).
+const RX_BUFFER_ROUNDS: usize = 2 * QUEUE_SIZE as usize;
+/// The timer never fires sooner than this after it is set (a zero
+/// duration would disarm it).
+const MIN_TIMER: Duration = Duration::from_millis(1);
 
 /// Errors from creating or driving the vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +68,12 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
-    /// An eventfd or a socket option could not be set up.
+    /// An eventfd, the timer or a socket option could not be set up.
     #[error("could not set up the vsock device's file descriptors (out of fds?)")]
     Io(#[source] io::Error),
+    /// The [`VsockConfig`] is out of range.
+    #[error(transparent)]
+    Config(#[from] VsockConfigError),
     /// The guest driver has not started the device (or reset it).
     #[error("the vsock device is not active: wait until the guest driver has started it")]
     NotActivated,
@@ -101,6 +111,11 @@ pub struct Vsock {
     /// Written when connections were closed off the event-loop thread (reset,
     /// transport reset) so that the loop unregisters and closes them.
     pub(super) wake: EventFd,
+    /// Wakes the loop at the backend's earliest deadline (non-blocking).
+    pub(super) timer: TimerFd,
+    /// The deadline the timer is set for.
+    pub(super) timer_at: Option<Instant>,
+    config: VsockConfig,
     acked_features: u64,
     active: Option<Active>,
     broken: bool,
@@ -164,12 +179,26 @@ struct TxPass {
 
 impl Vsock {
     /// A vsock device for a guest with CID `guest_cid`, listening for host
-    /// processes on the Unix socket `uds_path` (which must not exist).
-    /// Guest connections to host port `P` go to `<uds_path>_P`.
+    /// processes on the Unix socket `uds_path` (which must not exist), with
+    /// the default [`VsockConfig`]: the guest may connect to no host port.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+        Self::with_config(guest_cid, uds_path, VsockConfig::default())
+    }
+
+    /// A vsock device as [`new`](Self::new) makes, with `config`: guest
+    /// connections to an allowed host port `P` go to `<uds_path>_P`.
+    pub fn with_config(
+        guest_cid: u64,
+        uds_path: &Path,
+        config: VsockConfig,
+    ) -> Result<Vsock, VsockError> {
         if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid(guest_cid));
         }
+        config.validate()?;
+        // Made before the listener so that a failure leaves no socket file.
+        let timer = TimerFd::new().map_err(|e| VsockError::Io(e.into()))?;
+        set_nonblocking(&timer).map_err(VsockError::Io)?;
         let listener = bind_listener(uds_path)?;
         let socket_id = std::fs::symlink_metadata(uds_path)
             .ok()
@@ -185,10 +214,13 @@ impl Vsock {
             socket_id,
             queue_events,
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Io)?,
+            timer,
+            timer_at: None,
             acked_features: 0,
             active: None,
             broken: false,
-            backend: Backend::new(listener, uds_path, guest_cid),
+            backend: Backend::new(listener, uds_path, guest_cid, Limits::new(&config)),
+            config,
             scratch: vec![0; MAX_PKT_LEN],
             tx_stalled: false,
         })
@@ -202,6 +234,39 @@ impl Vsock {
     /// The socket path host processes connect to.
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &VsockConfig {
+        &self.config
+    }
+
+    /// Closes the connections whose deadline passed.
+    pub(super) fn expire(&mut self) {
+        self.timer_at = None;
+        self.backend.expire(Instant::now());
+    }
+
+    /// Sets the timer for the backend's earliest deadline.
+    pub(super) fn arm_timer(&mut self) {
+        let next = self.backend.next_deadline();
+        if next == self.timer_at {
+            return;
+        }
+        let result = match next {
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now()).max(MIN_TIMER);
+                self.timer.reset(wait, None)
+            }
+            None => self.timer.clear(),
+        };
+        match result {
+            Ok(()) => self.timer_at = next,
+            Err(e) => limited_warn!(
+                self.backend.warn,
+                "vsock: cannot set the timer ({e}); timeouts wait for the next event"
+            ),
+        }
     }
 
     /// Puts a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` event on the event
@@ -246,7 +311,10 @@ impl Vsock {
         if self.broken {
             return;
         }
-        log::warn!("vsock: {why}; the device needs a reset by the guest driver");
+        limited_warn!(
+            self.backend.warn,
+            "vsock: {why}; the device needs a reset by the guest driver"
+        );
         self.broken = true;
         if let Some(active) = &self.active {
             let _ = active.interrupt.signal_config_change();
@@ -329,7 +397,8 @@ fn process_rx(
     let mem = &active.mem;
     let queue = &mut active.queues[RXQ];
     let mut used = false;
-    for _ in 0..RX_ROUNDS {
+    let rounds = RX_BUFFER_ROUNDS + backend.limits.max_connections.min(1 << 20);
+    for _ in 0..rounds {
         if !backend.has_pending_rx() {
             return Ok((used, false));
         }

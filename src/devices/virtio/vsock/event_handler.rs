@@ -1,9 +1,10 @@
 //! The vsock device on the VM's event loop: its three queue eventfds, its
-//! wake-up eventfd, the listener and one stream per connection.
+//! wake-up eventfd, its deadline timer, the listener and one stream per
+//! connection.
 //!
 //! Tokens: the queues are 0 to 2, the wake-up eventfd 3, the listener
-//! [`LISTENER_TOKEN`]; connection streams use their connection's key, from
-//! [`FIRST_CONN_KEY`] up.
+//! [`LISTENER_TOKEN`], the timer 5; connection streams use their
+//! connection's key, from [`FIRST_CONN_KEY`] up.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -17,6 +18,8 @@ const RXQ_TOKEN: u32 = 0;
 const TXQ_TOKEN: u32 = 1;
 const EVQ_TOKEN: u32 = 2;
 const WAKE_TOKEN: u32 = 3;
+const TIMER_TOKEN: u32 = 5;
+const _: () = assert!(TIMER_TOKEN != LISTENER_TOKEN && TIMER_TOKEN < FIRST_CONN_KEY);
 
 impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -38,12 +41,18 @@ impl MutEventSubscriber for Vsock {
             WAKE_TOKEN => {
                 let _ = self.wake.read();
             }
+            TIMER_TOKEN => {
+                // Non-blocking: a timer re-set since it fired reads nothing.
+                let _ = self.timer.wait();
+                self.expire();
+            }
             LISTENER_TOKEN => self.backend.accept(),
             key if key >= FIRST_CONN_KEY => self.backend.on_host_event(key, events.event_set()),
             other => log::warn!("vsock: event for unknown token {other}"),
         }
         self.run_queues(tx_kick);
         self.backend.sync(ops);
+        self.arm_timer();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -57,6 +66,9 @@ impl MutEventSubscriber for Vsock {
         }
         if let Err(e) = ops.add(Events::with_data(&self.wake, WAKE_TOKEN, EventSet::IN)) {
             log::error!("vsock: cannot watch its wake-up eventfd: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_TOKEN, EventSet::IN)) {
+            log::error!("vsock: cannot watch its timer: {e:?}");
         }
         // Registers the listener.
         self.backend.sync(ops);

@@ -7,7 +7,18 @@
 //!   `OK <local port>\n` on the stream. From then on the stream carries the
 //!   connection's bytes.
 //! - Guest-initiated: a guest connection to host port `P` becomes a
-//!   connection to the Unix socket at `<uds_path>_P`.
+//!   connection to the Unix socket at `<uds_path>_P`, if the device's
+//!   [`VsockConfig`] allows port `P` (by default no port is allowed, so a
+//!   guest cannot reach sockets that are not meant for it, such as another
+//!   VM's `<uds_path>_P`); otherwise the guest gets a RST.
+//!
+//! Timeouts ([`VsockConfig`]): a host `CONNECT` the guest has not accepted
+//! within `connect_timeout` (default 2 s) is closed without an `OK` line,
+//! so a host process never waits forever on a guest that does not answer
+//! (no driver, no listener that answers, a stuck guest). When the guest
+//! closes a connection while bytes it sent still wait for a slow host
+//! reader, the device keeps writing them for up to `drain_timeout` (default
+//! 2 s, as Firecracker), then closes the host stream.
 //!
 //! The module:
 //! - [`device`](Vsock): the model: features, config space, activation, the
@@ -23,25 +34,40 @@
 //! - `event_handler`: the queue eventfds, the listener and every connection's
 //!   stream on the VM's event loop.
 //! - `unix`: a connect that never blocks the event loop.
+//! - [`config`](VsockConfig): what the embedder decides; `budget`: the fds
+//!   connections hold, counted against `RLIMIT_NOFILE`; `warn_limit`: the
+//!   rate limit on warnings a guest can trigger.
 //!
 //! Everything the guest can make the device hold is bounded: at most
-//! [`MAX_CONNECTIONS`] connections, each buffering at most [`CONN_BUF_ALLOC`]
-//! bytes for its host stream, and at most [`RST_QUEUE_MAX`] replies to
-//! packets that belong to no connection (guest transmission stalls while
-//! [`RST_QUEUE_SOFT_MAX`] of them wait for rx buffers).
+//! `max_connections` connections (by default an eighth of the process's
+//! soft `RLIMIT_NOFILE`, at most [`MAX_DEFAULT_CONNECTIONS`]; all vsock
+//! devices in a process together at most half of it), each buffering at
+//! most `buffer_size` bytes for its host stream, and at most
+//! [`RST_QUEUE_SOFT_MAX`] plus `max_connections` replies to packets that
+//! belong to no connection (guest transmission stalls while
+//! [`RST_QUEUE_SOFT_MAX`] of them wait for rx buffers). Warnings a guest
+//! can trigger are rate-limited.
 
 mod backend;
+mod budget;
+mod config;
 mod connection;
 mod device;
 mod event_handler;
 mod packet;
 mod unix;
+mod warn_limit;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_util;
 
+pub use config::{
+    HostPorts, VsockConfig, VsockConfigError, DEFAULT_BUFFER_SIZE, DEFAULT_CONNECTIONS_FD_DIVISOR,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, MAX_BUFFER_SIZE, MAX_DEFAULT_CONNECTIONS,
+    MAX_TIMEOUT, MIN_BUFFER_SIZE,
+};
 pub use device::{Vsock, VsockError};
 
 /// The host's CID (`VMADDR_CID_HOST`).
@@ -55,19 +81,8 @@ const EVQ: usize = 2;
 /// The most payload one packet may carry either way (Linux's
 /// `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
 const MAX_PKT_LEN: usize = 64 * 1024;
-/// The receive buffer the device advertises for each connection: how many
-/// bytes from the guest it buffers for a host stream that is not reading.
-pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
-/// After forwarding this many bytes to the host since it last told the
-/// guest, the device sends a CREDIT_UPDATE.
-const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
-/// The most connections (host streams) the device keeps open at once,
-/// including host streams that have not finished their `CONNECT` line.
-pub const MAX_CONNECTIONS: usize = 1024;
 /// Guest transmission stalls while this many RST replies wait for rx buffers.
 pub const RST_QUEUE_SOFT_MAX: usize = 256;
-/// RST replies beyond this many are dropped (and logged).
-pub const RST_QUEUE_MAX: usize = RST_QUEUE_SOFT_MAX + MAX_CONNECTIONS;
 /// The longest `CONNECT <port>\n` line a host process may send.
 const CONNECT_LINE_MAX: usize = 32;
 /// Host-side ports for host-initiated connections are picked from here up.

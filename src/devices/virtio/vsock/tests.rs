@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::packet::{op, shutdown, Header, HDR_LEN};
 use super::tests_util::*;
 use super::{
-    Vsock, VsockError, CONN_BUF_ALLOC, HOST_CID, MAX_PKT_LEN, RST_QUEUE_SOFT_MAX, RXQ, TXQ,
+    Vsock, VsockError, DEFAULT_BUFFER_SIZE as CONN_BUF_ALLOC, HOST_CID, MAX_PKT_LEN,
+    RST_QUEUE_SOFT_MAX, RXQ, TXQ,
 };
 use crate::devices::virtio::{device_type, interrupt_status, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -335,7 +336,13 @@ fn data_both_ways_is_byte_exact() {
         if got.len() == back.len() {
             break;
         }
-        rig.add_rx(8, 4096);
+        // Buffers the device has not used yet stay queued: add more only
+        // while the ring has room (the writer thread may lag under load).
+        if rig.free_descs(RXQ) >= 8 {
+            rig.add_rx(8, 4096);
+        } else {
+            rig.pump();
+        }
         for p in rig.rx() {
             if p.hdr.op == op::RW {
                 got.extend_from_slice(&p.data);
@@ -668,8 +675,10 @@ fn sixty_four_concurrent_connections() {
 
 #[test]
 fn connections_are_capped() {
-    let mut rig = Rig::new();
-    rig.dev().backend.max_connections = 4;
+    let mut rig = Rig::with_config(super::VsockConfig {
+        max_connections: Some(4),
+        ..test_config()
+    });
     let listener = UnixListener::bind(rig.port_path(91)).unwrap();
     let mut keep = Vec::new();
     for i in 0..4 {
@@ -1087,4 +1096,323 @@ fn runs_on_the_vm_event_loop_thread() {
     rig.kick(TXQ);
     assert_eq!(read_line(&mut h), format!("OK {}", req.hdr.src_port));
     drop(lp);
+}
+
+/// The guest connects to host port `port` and sends `total` bytes the
+/// host does not read; returns the host stream, the bytes, and how many of
+/// them the device had forwarded (the rest wait in its buffer).
+fn fill_unread(rig: &mut Rig, gport: u32, port: u32, total: usize) -> (UnixStream, Vec<u8>, u32) {
+    let listener = UnixListener::bind(rig.port_path(port)).unwrap();
+    let s = rig.guest_connect(&listener, gport, port);
+    let data = pattern(total, 12);
+    for chunk in data.chunks(MAX_PKT_LEN) {
+        rig.send(&rw(gport, port, chunk.len()), chunk);
+    }
+    rig.add_rx(8, 4096);
+    rig.send(&hdr(op::CREDIT_REQUEST, gport, port), &[]);
+    let update = rig.rx().pop().unwrap();
+    assert_eq!(update.hdr.op, op::CREDIT_UPDATE);
+    let forwarded = update.hdr.fwd_cnt;
+    assert!(
+        usize::try_from(forwarded).unwrap() < total,
+        "some bytes must still wait for the host"
+    );
+    (s, data, forwarded)
+}
+
+/// Reads a host stream to its end while the rig's loop runs, `chunk`
+/// bytes at a time with `pause` between reads (a slow reader).
+fn read_slowly(rig: &mut Rig, s: UnixStream, chunk: usize, pause: Duration) -> Vec<u8> {
+    let reader = std::thread::spawn(move || {
+        let mut s = s;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return all,
+                Ok(k) => all.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return all,
+                Err(e) => panic!("{e}"),
+            }
+            std::thread::sleep(pause);
+        }
+    });
+    assert!(
+        rig.pump_until(|_| reader.is_finished()),
+        "reader never done"
+    );
+    reader.join().unwrap()
+}
+
+#[test]
+fn a_guest_closing_leaves_its_last_bytes_draining_to_a_slow_host() {
+    for (by_rst, gport) in [(false, 4100), (true, 4101)] {
+        let mut rig = Rig::new();
+        let port = 93 + gport - 4100;
+        let total = usize::try_from(CONN_BUF_ALLOC).unwrap();
+        let (s, data, _) = fill_unread(&mut rig, gport, port, total);
+        if by_rst {
+            rig.send(&hdr(op::RST, gport, port), &[]);
+            assert!(rig.rx().is_empty(), "no RST answers a RST");
+        } else {
+            let mut sd = hdr(op::SHUTDOWN, gport, port);
+            sd.flags = shutdown::BOTH;
+            rig.send(&sd, &[]);
+            // The guest is answered at once; only the host side waits.
+            let rst = rig.rx_one();
+            assert_eq!(rst.hdr.op, op::RST);
+            assert_eq!((rst.hdr.src_port, rst.hdr.dst_port), (port, gport));
+        }
+        assert_eq!(rig.dev().connection_count(), 1, "draining, and counted");
+        // The guest has forgotten the connection: its packets get a RST.
+        rig.add_rx(1, 4096);
+        rig.send(&rw(gport, port, 1), b"!");
+        assert_eq!(rig.rx_one().hdr.op, op::RST);
+        // A reader that takes 4 KiB every 2 ms gets every byte, then EOF.
+        let got = read_slowly(&mut rig, s, 4096, Duration::from_millis(2));
+        assert_eq!(got.len(), data.len(), "rst={by_rst}");
+        assert!(got == data, "drained bytes differ (rst={by_rst})");
+        assert!(rig.pump_until(|r| r.dev().connection_count() == 0));
+        assert_eq!(rig.dev().backend.graveyard_len(), 0);
+    }
+}
+
+#[test]
+fn a_drain_gives_up_at_its_timeout() {
+    let timeout = Duration::from_millis(300);
+    let mut rig = Rig::with_config(super::VsockConfig {
+        drain_timeout: timeout,
+        ..test_config()
+    });
+    let total = usize::try_from(CONN_BUF_ALLOC).unwrap();
+    let (mut s, data, forwarded) = fill_unread(&mut rig, 4200, 95, total);
+    let mut sd = hdr(op::SHUTDOWN, 4200, 95);
+    sd.flags = shutdown::BOTH;
+    let start = std::time::Instant::now();
+    rig.send(&sd, &[]);
+    assert_eq!(rig.rx_one().hdr.op, op::RST);
+    assert_eq!(rig.dev().connection_count(), 1);
+    // The host never reads: the drain ends at its timeout, not before.
+    assert!(rig.pump_until(|r| r.dev().connection_count() == 0));
+    let took = start.elapsed();
+    assert!(took >= timeout, "closed after {took:?}");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    // What reached the socket is there, then the end.
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), usize::try_from(forwarded).unwrap());
+    assert!(got == data[..got.len()]);
+
+    // A zero drain timeout drops what waits at once.
+    let mut rig = Rig::with_config(super::VsockConfig {
+        drain_timeout: Duration::ZERO,
+        ..test_config()
+    });
+    let (mut s, _, _) = fill_unread(&mut rig, 4201, 96, total);
+    rig.send(&hdr(op::RST, 4201, 96), &[]);
+    assert_eq!(rig.dev().connection_count(), 0);
+    rig.pump();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert!(got.len() < total);
+}
+
+#[test]
+fn an_unanswered_host_connect_times_out() {
+    let timeout = Duration::from_millis(300);
+    let config = || super::VsockConfig {
+        connect_timeout: timeout,
+        ..test_config()
+    };
+    let timed_out = |rig: &mut Rig, s: &mut UnixStream| {
+        let start = std::time::Instant::now();
+        rig.pump();
+        assert!(nothing_to_read(s), "closed before the timeout");
+        assert!(rig.pump_until(|r| r.dev().connection_count() == 0));
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(3), "closed after {took:?}");
+        assert!(at_eof(s), "no OK line, just the end");
+    };
+
+    // The guest never takes the REQUEST (no rx buffers): it never hears
+    // of the connection.
+    let mut rig = Rig::with_config(config());
+    let mut s = UnixStream::connect(&rig.uds).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    timed_out(&mut rig, &mut s);
+    rig.add_rx(2, 4096);
+    assert!(rig.rx().is_empty());
+
+    // The guest takes the REQUEST and never answers: it gets a RST.
+    let mut rig = Rig::with_config(config());
+    let mut s = UnixStream::connect(&rig.uds).unwrap();
+    s.write_all(b"CONNECT 53\n").unwrap();
+    rig.pump();
+    rig.add_rx(1, 4096);
+    let req = rig.rx_one();
+    assert_eq!(req.hdr.op, op::REQUEST);
+    rig.add_rx(1, 4096);
+    timed_out(&mut rig, &mut s);
+    let rst = rig.rx_one();
+    assert_eq!(rst.hdr.op, op::RST);
+    assert_eq!((rst.hdr.src_port, rst.hdr.dst_port), (req.hdr.src_port, 53));
+    // A late RESPONSE is for an unknown connection.
+    rig.add_rx(1, 4096);
+    rig.send(&hdr(op::RESPONSE, 53, req.hdr.src_port), &[]);
+    assert_eq!(rig.rx_one().hdr.op, op::RST);
+
+    // A host process that never finishes its CONNECT line.
+    let mut rig = Rig::with_config(config());
+    let mut s = UnixStream::connect(&rig.uds).unwrap();
+    s.write_all(b"CONN").unwrap();
+    timed_out(&mut rig, &mut s);
+
+    // An answered CONNECT outlives the timeout.
+    let mut rig = Rig::with_config(config());
+    let (mut s, local) = rig.host_connect(54, 65536);
+    rig.pump_for(timeout * 2);
+    assert_eq!(rig.dev().connection_count(), 1);
+    rig.send(&rw(54, local, 2), b"hi");
+    assert_eq!(read_n(&mut s, 2), b"hi");
+}
+
+#[test]
+fn guest_connections_go_only_to_allowed_host_ports() {
+    // Accepted streams stay open so that no hang-up reaches the guest.
+    let mut open = Vec::new();
+    let mut try_port = |rig: &mut Rig, port: u32| -> bool {
+        let listener = UnixListener::bind(rig.port_path(port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        rig.add_rx(1, 4096);
+        let gport = port.wrapping_add(7000);
+        rig.send(&hdr(op::REQUEST, gport, port), &[]);
+        let answer = rig.rx_one();
+        assert_eq!((answer.hdr.src_port, answer.hdr.dst_port), (port, gport));
+        let accepted = listener.accept();
+        let reached = accepted.is_ok();
+        assert_eq!(reached, answer.hdr.op == op::RESPONSE, "port {port}");
+        open.push((listener, accepted));
+        reached
+    };
+    // The default allows none.
+    let mut rig = Rig::with_config(super::VsockConfig::default());
+    assert!(!try_port(&mut rig, 5000));
+    assert!(!try_port(&mut rig, 1));
+    assert_eq!(rig.dev().connection_count(), 0);
+    // A list allows what it lists.
+    let mut rig = Rig::with_config(super::VsockConfig::default().allow_host_port(5000));
+    assert!(try_port(&mut rig, 5000));
+    assert!(!try_port(&mut rig, 5001));
+    // Any allows any.
+    let mut rig = Rig::with_config(super::VsockConfig {
+        host_ports: super::HostPorts::Any,
+        ..super::VsockConfig::default()
+    });
+    assert!(try_port(&mut rig, 5002));
+    assert!(try_port(&mut rig, u32::MAX));
+    // Host-initiated connections need no allowance.
+    let mut rig = Rig::with_config(super::VsockConfig::default());
+    let (_s, _) = rig.host_connect(8, 4096);
+}
+
+#[test]
+fn the_buffer_size_is_configurable() {
+    let mut rig = Rig::with_config(super::VsockConfig {
+        buffer_size: 8192,
+        ..test_config()
+    });
+    // Advertised in the RESPONSE (guest_connect checks) and every packet.
+    let listener = UnixListener::bind(rig.port_path(97)).unwrap();
+    let mut s = rig.guest_connect(&listener, 4300, 97);
+    // A CREDIT_UPDATE after a quarter of it is forwarded.
+    rig.add_rx(4, 4096);
+    rig.send(&rw(4300, 97, 2048), &pattern(2048, 1));
+    assert_eq!(read_n(&mut s, 2048), pattern(2048, 1));
+    let p = rig.rx_one();
+    assert_eq!(p.hdr.op, op::CREDIT_UPDATE);
+    assert_eq!((p.hdr.buf_alloc, p.hdr.fwd_cnt), (8192, 2048));
+    assert_eq!(rig.dev().config().buffer_size, 8192);
+}
+
+#[test]
+fn every_connection_counts_in_the_process_fd_budget() {
+    let mut rig = Rig::new();
+    // A process budget of two fds (standing in for half of RLIMIT_NOFILE).
+    let budget: &'static super::budget::FdBudget =
+        Box::leak(Box::new(super::budget::FdBudget::new()));
+    rig.dev().backend.limits.budget = budget;
+    rig.dev().backend.limits.process_cap = 2;
+    let listener = UnixListener::bind(rig.port_path(98)).unwrap();
+    let _a = rig.guest_connect(&listener, 1, 98);
+    let (_b, local) = rig.host_connect(2, 4096);
+    assert_eq!(budget.held(), 2);
+    // Beyond it: a guest connection gets a RST, a host one is closed.
+    rig.add_rx(1, 4096);
+    rig.send(&hdr(op::REQUEST, 3, 98), &[]);
+    assert_eq!(rig.rx_one().hdr.op, op::RST);
+    let mut c = UnixStream::connect(&rig.uds).unwrap();
+    rig.pump();
+    assert!(at_eof(&mut c));
+    // Closing one gives its fd back.
+    rig.send(&hdr(op::RST, 2, local), &[]);
+    rig.pump();
+    assert_eq!(budget.held(), 1);
+    let _d = rig.guest_connect(&listener, 4, 98);
+    assert_eq!(budget.held(), 2);
+    drop(rig);
+    assert_eq!(budget.held(), 0, "a dropped device gives every fd back");
+}
+
+#[test]
+fn the_default_connection_limit_follows_rlimit_nofile() {
+    let rig = Rig::with_config(super::VsockConfig::default());
+    let soft = super::budget::soft_nofile();
+    let limits = &rig.dev().backend.limits;
+    assert_eq!(
+        limits.max_connections,
+        usize::try_from(super::config::default_max_connections(soft)).unwrap()
+    );
+    assert!(u64::try_from(limits.max_connections).unwrap() <= soft / 8 || soft < 8);
+    assert_eq!(limits.process_cap, super::budget::process_cap(soft));
+}
+
+#[test]
+fn guest_triggered_warnings_are_rate_limited() {
+    let mut rig = Rig::with_config(super::VsockConfig::default());
+    let mut rsts = 0;
+    for i in 0..10 {
+        rig.add_rx(50, 256);
+        for j in 0..50 {
+            rig.push_tx(&hdr(op::REQUEST, i * 50 + j, 6000), &[], 64);
+        }
+        rig.kick(TXQ);
+        rig.pump();
+        rig.used(TXQ);
+        rsts += rig.rx().len();
+    }
+    assert_eq!(rsts, 500, "every denied connection is refused");
+    let logged = rig.dev().backend.warn.logged();
+    assert!(logged > 0, "the first ones are logged");
+    assert!(
+        logged <= u64::from(super::warn_limit::BURST),
+        "{logged} warnings for 500 refusals"
+    );
+}
+
+#[test]
+fn with_config_refuses_a_bad_config_before_binding() {
+    let dir = TempDir::new();
+    let path = dir.path().join("v.sock");
+    let bad = super::VsockConfig {
+        connect_timeout: Duration::ZERO,
+        ..super::VsockConfig::default()
+    };
+    let err = Vsock::with_config(3, &path, bad).unwrap_err();
+    assert!(matches!(
+        err,
+        VsockError::Config(super::VsockConfigError::ConnectTimeout(d)) if d.is_zero()
+    ));
+    assert!(err.to_string().contains("connect_timeout"), "{err}");
+    assert!(!path.exists(), "no socket file is left behind");
 }

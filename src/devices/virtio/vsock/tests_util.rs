@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -24,7 +24,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::packet::{op, Header, HDR_LEN, TYPE_STREAM};
-use super::{Vsock, CONN_BUF_ALLOC, EVQ, HOST_CID, QUEUE_SIZE, RXQ, TXQ};
+use super::{HostPorts, Vsock, VsockConfig, EVQ, HOST_CID, QUEUE_SIZE, RXQ, TXQ};
 use crate::devices::virtio::{Interrupt, Queue, VirtioDevice};
 use crate::devices::EventFdTrigger;
 use crate::memory::GuestMemoryMmap;
@@ -109,27 +109,48 @@ pub(crate) struct Rig {
     _dir: TempDir,
     pub(crate) uds: PathBuf,
     rings: [Ring; 3],
+    /// The device's advertised buffer per connection.
+    pub(crate) buf_alloc: u32,
+}
+
+/// The configuration of most test devices: every host port up to 10000
+/// allowed, the rest as default.
+pub(crate) fn test_config() -> VsockConfig {
+    VsockConfig {
+        host_ports: HostPorts::Only((0..=10_000).collect()),
+        ..VsockConfig::default()
+    }
 }
 
 impl Rig {
     /// A device, registered on its event loop, not activated.
     pub(crate) fn inactive() -> Self {
-        Self::build(true)
+        Self::build(true, test_config())
+    }
+
+    /// An activated device with `config`.
+    pub(crate) fn with_config(config: VsockConfig) -> Self {
+        let mut rig = Self::build(true, config);
+        rig.activate();
+        rig
     }
 
     /// A device on the VM's event-loop thread (`crate::event_loop`),
     /// activated; `pump` then only gives the thread time.
     pub(crate) fn on_event_loop() -> (Self, crate::event_loop::EventLoop) {
-        let mut rig = Self::build(false);
+        let mut rig = Self::build(false, test_config());
         let lp = crate::event_loop::EventLoop::start(vec![rig.dev.clone()]).unwrap();
         rig.activate();
         (rig, lp)
     }
 
-    fn build(own_loop: bool) -> Self {
+    fn build(own_loop: bool, config: VsockConfig) -> Self {
         let dir = TempDir::new();
         let uds = dir.path().join("v.sock");
-        let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &uds).unwrap()));
+        let buf_alloc = config.buffer_size;
+        let dev = Arc::new(Mutex::new(
+            Vsock::with_config(GUEST_CID, &uds, config).unwrap(),
+        ));
         let manager = own_loop.then(|| {
             let mut m = EventManager::new().unwrap();
             m.add_subscriber(dev.clone());
@@ -143,6 +164,7 @@ impl Rig {
             _dir: dir,
             uds,
             rings: [Ring::new(), Ring::new(), Ring::new()],
+            buf_alloc,
         }
     }
 
@@ -185,6 +207,29 @@ impl Rig {
             }
         }
         panic!("the event loop never settles: something is always ready (busy loop)");
+    }
+
+    /// Runs the event loop, waiting for events (timers included) for
+    /// `dur`.
+    pub(crate) fn pump_for(&mut self, dur: Duration) {
+        let end = Instant::now() + dur;
+        let manager = self.manager.as_mut().expect("a rig with its own loop");
+        while Instant::now() < end {
+            manager.run_with_timeout(10).unwrap();
+        }
+    }
+
+    /// Runs the event loop (timers included) until `done` or 5 s passed;
+    /// returns whether `done` came true.
+    pub(crate) fn pump_until(&mut self, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if done(self) {
+                return true;
+            }
+            self.pump_for(Duration::from_millis(10));
+        }
+        done(self)
     }
 
     /// Notifies queue `q` (as the transport would on QueueNotify).
@@ -427,7 +472,7 @@ impl Rig {
         let resp = self.rx_one();
         assert_eq!(resp.hdr.op, op::RESPONSE);
         assert_eq!((resp.hdr.src_port, resp.hdr.dst_port), (port, guest_port));
-        assert_eq!(resp.hdr.buf_alloc, CONN_BUF_ALLOC);
+        assert_eq!(resp.hdr.buf_alloc, self.buf_alloc);
         let (s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s
