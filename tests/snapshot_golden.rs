@@ -7,8 +7,6 @@
 //! state below gains them with the defaults the 1.0 conversion gives
 //! (`src/snapshot/compat.rs`); see docs/snapshot-format.md.
 
-use std::path::PathBuf;
-
 use dormouse::arch::aarch64::state::{
     GicState, GicVcpuState, IccState, RegWords, SavedReg, VcpuState,
 };
@@ -20,11 +18,9 @@ use dormouse::snapshot::{
     format, MemoryRegionState, SavedConfig, SavedDevice, SnapshotId, VmState,
 };
 
-fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name)
-}
+/// `tests/golden/v1_0/state`, built into the test (the emulated host has
+/// no source tree).
+const GOLDEN_1_0: &[u8] = include_bytes!("golden/v1_0/state");
 
 fn queue(n: u16) -> SavedQueue {
     SavedQueue {
@@ -150,16 +146,12 @@ fn state_1_0() -> VmState {
     }
 }
 
-fn golden_bytes() -> Vec<u8> {
-    std::fs::read(golden("v1_0/state")).unwrap()
-}
-
 #[test]
 fn the_format_1_0_golden_file_decodes_to_its_state() {
-    let bytes = golden_bytes();
-    let header = format::Header::parse(&bytes).unwrap();
+    let bytes = GOLDEN_1_0;
+    let header = format::Header::parse(bytes).unwrap();
     assert_eq!((header.major, header.minor), (1, 0));
-    assert_eq!(format::decode(&bytes).unwrap(), state_1_0());
+    assert_eq!(format::decode(bytes).unwrap(), state_1_0());
 }
 
 #[test]
@@ -168,7 +160,7 @@ fn the_format_1_0_golden_file_restores_through_read_state() {
     let dir = std::env::temp_dir().join(format!("dormouse-golden-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(dormouse::snapshot::STATE_FILE), golden_bytes()).unwrap();
+    std::fs::write(dir.join(dormouse::snapshot::STATE_FILE), GOLDEN_1_0).unwrap();
     let state = dormouse::snapshot::read_state(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(state.unwrap(), state_1_0());
@@ -176,8 +168,8 @@ fn the_format_1_0_golden_file_restores_through_read_state() {
 
 #[test]
 fn the_frozen_1_0_structs_reencode_the_golden_file_byte_for_byte() {
-    let bytes = golden_bytes();
-    let (_, payload) = format::check(&bytes).unwrap();
+    let bytes = GOLDEN_1_0;
+    let (_, payload) = format::check(bytes).unwrap();
     let old: v1_0::VmState = postcard::from_bytes(payload).unwrap();
     assert_eq!(format::encode_version(&old, 0).unwrap(), bytes);
     assert_eq!(VmState::from(old), state_1_0());

@@ -208,7 +208,7 @@ fn write_diff_memory(
                 file,
                 len,
             )
-            .map_err(std::io::Error::other)?;
+            .map_err(io_error)?;
     }
     Ok(())
 }
@@ -223,7 +223,16 @@ fn write_memory(
     let len = usize::try_from(size).map_err(std::io::Error::other)?;
     memory
         .write_all_volatile_to(crate::DRAM_START, file, len)
-        .map_err(std::io::Error::other)
+        .map_err(io_error)
+}
+
+/// The file's own error (ENOSPC, EIO...) when guest memory could not be
+/// written to it, so the caller sees what the OS said.
+fn io_error(e: vm_memory::GuestMemoryError) -> std::io::Error {
+    match e {
+        vm_memory::GuestMemoryError::IOError(e) => e,
+        other => std::io::Error::other(other),
+    }
 }
 
 /// How to restore a snapshot: in the same or a fresh process, as is or as
