@@ -192,6 +192,8 @@ fn every_fd_a_vm_opens_is_close_on_exec() {
     drop(vm);
     let _ = std::fs::remove_file(dir.join("vsock"));
     let mut restored = MicroVm::restore(dir.join("snap"))
+        .block_path(0, &disk)
+        .vsock_uds(dir.join("vsock"))
         .tap(0, tap_fd())
         .resume(true)
         .build()

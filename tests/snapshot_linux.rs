@@ -247,7 +247,9 @@ fn devices_carry_on_across_restore() {
     let mut vm = MicroVm::restore(&dir)
         .serial_output(session.console.clone())
         .serial_input(input)
+        .block_path(0, &disk)
         .tap(0, tap_fd())
+        .vsock_uds(&uds)
         .resume(true)
         .build()
         .unwrap();
@@ -400,6 +402,8 @@ fn diffs_of_a_busy_guest_restore_memory_byte_identical_to_a_full_snapshot() {
     // From the chain: the same memory, and the guest carries on.
     let (mut session, input) = Session::new();
     let mut restored = MicroVm::restore_chain(chain.clone())
+        // The snapshot's own disk, which this test made: consent given.
+        .reuse_saved_paths(true)
         .serial_output(session.console.clone())
         .serial_input(input)
         .build()

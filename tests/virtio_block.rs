@@ -225,7 +225,10 @@ fn rate_limits_and_their_budgets_survive_a_snapshot() {
     assert!(ops.one_time_burst < 1000, "{saved:?}");
 
     // A restored VM carries the limits and the budgets on.
-    let mut restored = MicroVm::restore(&first).build().unwrap();
+    let mut restored = MicroVm::restore(&first)
+        .block_path(0, &disk)
+        .build()
+        .unwrap();
     let second = tmp.0.join("second");
     restored.snapshot(&second).unwrap();
     let again = read_state(&second).unwrap();

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         rest.to_vec()
     };
     let _ = format::Header::parse(&file);
-    if let Ok(state) = format::decode::<VmState>(&file) {
+    if let Ok(state) = format::decode(&file) {
         let _ = state.validate();
         let again = format::encode(&state).expect("a decoded state encodes");
         let back: VmState = format::decode(&again).expect("an encoded state decodes");

@@ -14,19 +14,19 @@
 //! Any build can read any file's header; a reader accepts its own major
 //! version with an equal or older minor, and refuses a newer major or minor,
 //! another architecture, a truncated file or a CRC mismatch, each with its
-//! own error. See docs/snapshot-format.md.
+//! own error. Payloads of older minor versions are decoded with that
+//! version's frozen structs ([`super::compat`]). See docs/snapshot-format.md.
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::SnapshotError;
+use super::{SnapshotError, VmState};
 
 /// The magic at the start of every state file.
 pub const MAGIC: [u8; 8] = *b"DMSNAPST";
 /// The format's major version: bumped by changes old readers cannot read.
 pub const MAJOR: u16 = 1;
 /// The format's minor version.
-pub const MINOR: u16 = 0;
+pub const MINOR: u16 = 1;
 /// The header's size in bytes.
 pub const HEADER_LEN: usize = 64;
 /// The architecture code for aarch64.
@@ -118,12 +118,20 @@ impl Header {
     }
 }
 
-/// Encodes `state` as a complete state file (header and payload).
-pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
-    let payload = postcard::to_allocvec(state).map_err(SnapshotError::Encode)?;
+/// Encodes `state` as a complete state file (header and payload) of the
+/// current version, `MAJOR.MINOR`.
+pub fn encode(state: &VmState) -> Result<Vec<u8>, SnapshotError> {
+    encode_version(state, MINOR)
+}
+
+/// Encodes any payload under a `MAJOR.minor` header: for tests and tools
+/// that write files as an older version did (with that version's frozen
+/// structs, [`super::compat`]). [`encode`] is what snapshots use.
+pub fn encode_version<T: Serialize>(payload: &T, minor: u16) -> Result<Vec<u8>, SnapshotError> {
+    let payload = postcard::to_allocvec(payload).map_err(SnapshotError::Encode)?;
     let header = Header {
         major: MAJOR,
-        minor: MINOR,
+        minor,
         arch: ARCH_AARCH64,
         payload_len: payload.len() as u64,
         crc64: crc64(&payload),
@@ -134,8 +142,9 @@ pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
     Ok(out)
 }
 
-/// Decodes a complete state file, checking header, length and CRC first.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+/// Checks a complete state file's header, length and CRC, and returns the
+/// header and the payload.
+pub fn check(bytes: &[u8]) -> Result<(Header, &[u8]), SnapshotError> {
     let header = Header::parse(bytes)?;
     let payload = &bytes[HEADER_LEN..];
     // parse() bounded payload_len by MAX_PAYLOAD, which fits usize.
@@ -153,7 +162,15 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
             found: crc,
         });
     }
-    postcard::from_bytes(payload).map_err(SnapshotError::Decode)
+    Ok((header, payload))
+}
+
+/// Decodes a complete state file, checking header, length and CRC first,
+/// with the decoder of the file's minor version ([`super::compat`]): a file
+/// an older dormouse wrote becomes this build's [`VmState`].
+pub fn decode(bytes: &[u8]) -> Result<VmState, SnapshotError> {
+    let (header, payload) = check(bytes)?;
+    super::compat::decode_payload(header.minor, payload)
 }
 
 #[cfg(test)]
@@ -175,24 +192,29 @@ mod tests {
         }
     }
 
+    fn decode_sample(bytes: &[u8]) -> Result<Sample, SnapshotError> {
+        let (_, payload) = check(bytes)?;
+        postcard::from_bytes(payload).map_err(SnapshotError::Decode)
+    }
+
     #[test]
     fn round_trips() {
-        let bytes = encode(&sample()).unwrap();
+        let bytes = encode_version(&sample(), MINOR).unwrap();
         assert_eq!(&bytes[..8], b"DMSNAPST");
-        assert_eq!(decode::<Sample>(&bytes).unwrap(), sample());
+        assert_eq!(decode_sample(&bytes).unwrap(), sample());
     }
 
     #[test]
     fn every_kind_of_damage_is_its_own_error() {
-        let good = encode(&sample()).unwrap();
+        let good = encode_version(&sample(), MINOR).unwrap();
 
         let truncated = &good[..good.len() - 1];
         assert!(matches!(
-            decode::<Sample>(truncated),
+            decode_sample(truncated),
             Err(SnapshotError::Truncated { .. })
         ));
         assert!(matches!(
-            decode::<Sample>(&good[..10]),
+            decode_sample(&good[..10]),
             Err(SnapshotError::Truncated { .. })
         ));
 
@@ -200,10 +222,7 @@ mod tests {
             let mut flipped = good.clone();
             flipped[at] ^= 0x01;
             assert!(
-                matches!(
-                    decode::<Sample>(&flipped),
-                    Err(SnapshotError::Corrupt { .. })
-                ),
+                matches!(decode_sample(&flipped), Err(SnapshotError::Corrupt { .. })),
                 "flip at {at}"
             );
         }
@@ -211,34 +230,34 @@ mod tests {
         let mut newer_major = good.clone();
         newer_major[8..10].copy_from_slice(&(MAJOR + 1).to_le_bytes());
         assert!(matches!(
-            decode::<Sample>(&newer_major),
+            decode_sample(&newer_major),
             Err(SnapshotError::UnsupportedVersion { file: (2, 0), .. })
         ));
         let mut newer_minor = good.clone();
         newer_minor[10..12].copy_from_slice(&(MINOR + 1).to_le_bytes());
         assert!(matches!(
-            decode::<Sample>(&newer_minor),
+            decode_sample(&newer_minor),
             Err(SnapshotError::UnsupportedVersion { .. })
         ));
 
         let mut x86 = good.clone();
         x86[12..16].copy_from_slice(&2u32.to_le_bytes());
         assert!(matches!(
-            decode::<Sample>(&x86),
+            decode_sample(&x86),
             Err(SnapshotError::WrongArchitecture(2))
         ));
 
         let mut magic = good.clone();
         magic[0] = b'X';
         assert!(matches!(
-            decode::<Sample>(&magic),
+            decode_sample(&magic),
             Err(SnapshotError::NotASnapshot)
         ));
 
         let mut huge = good;
         huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
-            decode::<Sample>(&huge),
+            decode_sample(&huge),
             Err(SnapshotError::PayloadTooLarge(_))
         ));
     }
@@ -246,10 +265,7 @@ mod tests {
     #[test]
     fn a_valid_crc_over_garbage_is_a_decode_error() {
         // A file whose CRC matches but whose payload is not our state.
-        let bytes = encode(&vec![0xffu8; 3]).unwrap();
-        assert!(matches!(
-            decode::<Sample>(&bytes),
-            Err(SnapshotError::Decode(_))
-        ));
+        let bytes = encode_version(&vec![0xffu8; 3], MINOR).unwrap();
+        assert!(matches!(decode(&bytes), Err(SnapshotError::Decode(_))));
     }
 }

@@ -15,15 +15,25 @@
 //! target, are fsync'd, and the directory then replaces the target in one
 //! atomic `renameat2(RENAME_EXCHANGE)` (or `rename` if the target is new).
 //! A crash leaves either the whole old snapshot or the whole new one.
+//! Snapshot directories are created `0700` and their files `0600`.
+//!
+//! Reading treats every file as hostile: files are opened without following
+//! a symbolic link (`O_NOFOLLOW`) and without blocking (`O_NONBLOCK`, so a
+//! FIFO cannot hang the open), and anything that is not a regular file is
+//! refused before a byte is read; the state file's size is bounded before
+//! it is read. Older minor versions of the format decode through
+//! [`compat`].
 
+pub mod compat;
 pub mod format;
 mod vm;
 
 pub use vm::{Restore, SnapshotInfo};
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +69,67 @@ pub enum SnapshotError {
     /// A file of the snapshot is missing.
     #[error("{0} does not exist: is this a dormouse snapshot directory?")]
     MissingFile(PathBuf),
+    /// A file of the snapshot is a symbolic link, which is not followed.
+    #[error(
+        "{0} is a symbolic link: dormouse does not follow links in a snapshot directory; copy \
+         the file it points to into the snapshot directory instead"
+    )]
+    SymlinkFile(PathBuf),
+    /// A file of the snapshot is a FIFO (named pipe).
+    #[error(
+        "{0} is a FIFO (named pipe), not a regular file: restore from the directory \
+         MicroVm::snapshot wrote, whose files are regular files"
+    )]
+    FifoFile(PathBuf),
+    /// A file of the snapshot is a character or block device node.
+    #[error(
+        "{0} is a device node, not a regular file: restore from the directory \
+         MicroVm::snapshot wrote, whose files are regular files"
+    )]
+    DeviceFile(PathBuf),
+    /// A file of the snapshot is something else that is not a regular file
+    /// (a directory, a socket).
+    #[error(
+        "{path} is a {kind}, not a regular file: restore from the directory MicroVm::snapshot \
+         wrote, whose files are regular files"
+    )]
+    NotARegularFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The state file is larger than any state file can be.
+    #[error(
+        "the state file {path} is {size} bytes, more than the {max} a dormouse state file can \
+         be: this is not a state file MicroVm::snapshot wrote"
+    )]
+    StateFileTooLarge {
+        /// The state file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The largest a state file can be (header and largest payload).
+        max: u64,
+    },
+    /// The snapshot names a host resource (disk image, TAP, vsock socket)
+    /// that the restore was not told to use.
+    #[error(
+        "the snapshot's {kind} {index} used {saved:?}, and a restore does not reopen host \
+         resources named in a snapshot file unless asked: name its replacement with \
+         Restore::{method}() (device index {index}), or call Restore::reuse_saved_paths(true) to \
+         reopen the one the snapshot names"
+    )]
+    SavedResourceNotNamed {
+        /// The kind of device: "disk", "network interface", "vsock device".
+        kind: &'static str,
+        /// Its index among the snapshot's devices of that kind.
+        index: usize,
+        /// The path or TAP name the snapshot holds.
+        saved: String,
+        /// The [`Restore`] method that names a replacement.
+        method: &'static str,
+    },
     /// The file is not a dormouse state file.
     #[error("not a dormouse snapshot state file (bad magic)")]
     NotASnapshot,
@@ -306,9 +377,27 @@ fn exchange(a: &Path, b: &Path) -> io::Result<()> {
     }
 }
 
+/// The mode of a snapshot directory (guest memory is the guest's secrets).
+pub const DIR_MODE: u32 = 0o700;
+/// The mode of a snapshot's files.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates a new snapshot file, `0600`, refusing to reuse or follow
+/// anything already at `path`.
+fn create_file(path: &Path) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("create", path))
+}
+
 /// Writes a snapshot directory at `dir`: `state` holds `state`, `memory`
 /// is filled by `write_memory`. Crash-safe as the module docs describe; on
-/// an error nothing under `dir` changed.
+/// an error nothing under `dir` changed. The directory is created
+/// [`DIR_MODE`] and its files [`FILE_MODE`].
 pub fn write_dir(
     dir: &Path,
     state: &[u8],
@@ -331,13 +420,16 @@ pub fn write_dir(
         std::process::id()
     ));
     let result = (|| {
-        fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&tmp)
+            .map_err(io_err("create", &tmp))?;
         let mem_path = tmp.join(MEMORY_FILE);
-        let mut mem = File::create(&mem_path).map_err(io_err("create", &mem_path))?;
+        let mut mem = create_file(&mem_path)?;
         write_memory(&mut mem).map_err(io_err("write guest memory to", &mem_path))?;
         mem.sync_all().map_err(io_err("fsync", &mem_path))?;
         let state_path = tmp.join(STATE_FILE);
-        let mut file = File::create(&state_path).map_err(io_err("create", &state_path))?;
+        let mut file = create_file(&state_path)?;
         file.write_all(state)
             .map_err(io_err("write", &state_path))?;
         file.sync_all().map_err(io_err("fsync", &state_path))?;
@@ -357,18 +449,81 @@ pub fn write_dir(
     fsync_dir(&parent)
 }
 
+/// Opens a file of a snapshot for reading as untrusted input: without
+/// following a symbolic link, without blocking (a FIFO cannot hang the
+/// open), and refusing anything but a regular file before a byte is read.
+/// Returns the file and its size.
+fn open_untrusted(path: &Path) -> Result<(File, u64), SnapshotError> {
+    let file = OpenOptions::new()
+        .read(true)
+        // O_NONBLOCK changes nothing for the regular files that pass.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => SnapshotError::MissingFile(path.to_path_buf()),
+            // O_NOFOLLOW's answer for a link; a loop in the directories
+            // above also says ELOOP, and stays an I/O error.
+            Some(libc::ELOOP) if fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) => {
+                SnapshotError::SymlinkFile(path.to_path_buf())
+            }
+            _ => SnapshotError::Io {
+                what: "open",
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+    let meta = file.metadata().map_err(io_err("inspect", path))?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return Ok((file, meta.len()));
+    }
+    let path = path.to_path_buf();
+    Err(if kind.is_fifo() {
+        SnapshotError::FifoFile(path)
+    } else if kind.is_char_device() || kind.is_block_device() {
+        SnapshotError::DeviceFile(path)
+    } else if kind.is_dir() {
+        SnapshotError::NotARegularFile {
+            path,
+            kind: "directory",
+        }
+    } else if kind.is_socket() {
+        SnapshotError::NotARegularFile {
+            path,
+            kind: "socket",
+        }
+    } else {
+        SnapshotError::NotARegularFile {
+            path,
+            kind: "special file",
+        }
+    })
+}
+
+/// The largest a state file can be: the header and the largest payload.
+pub const MAX_STATE_FILE: u64 = format::HEADER_LEN as u64 + format::MAX_PAYLOAD;
+
 /// Reads and checks the state file of the snapshot at `dir`.
 pub fn read_state(dir: &Path) -> Result<VmState, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let bytes = fs::read(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => SnapshotError::MissingFile(path.clone()),
-        _ => SnapshotError::Io {
-            what: "read",
-            path: path.clone(),
-            source: e,
-        },
-    })?;
-    let state: VmState = format::decode(&bytes)?;
+    let (file, size) = open_untrusted(&path)?;
+    let too_large = |size| SnapshotError::StateFileTooLarge {
+        path: path.clone(),
+        size,
+        max: MAX_STATE_FILE,
+    };
+    if size > MAX_STATE_FILE {
+        return Err(too_large(size));
+    }
+    // Bounded again while reading: the file may grow after the fstat.
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", &path))?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(too_large(bytes.len() as u64));
+    }
+    let state = format::decode(&bytes)?;
     state.validate()?;
     Ok(state)
 }
@@ -459,19 +614,12 @@ fn check_consistent(state: &VmState) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Opens the memory file of the snapshot at `dir` and checks it holds
-/// every region `state` describes.
+/// Opens the memory file of the snapshot at `dir` (a regular file, not
+/// through a symbolic link) and checks it holds every region `state`
+/// describes.
 pub fn open_memory(dir: &Path, state: &VmState) -> Result<(File, PathBuf), SnapshotError> {
     let path = dir.join(MEMORY_FILE);
-    let file = File::open(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => SnapshotError::MissingFile(path.clone()),
-        _ => SnapshotError::Io {
-            what: "open",
-            path: path.clone(),
-            source: e,
-        },
-    })?;
-    let found = file.metadata().map_err(io_err("inspect", &path))?.len();
+    let (file, found) = open_untrusted(&path)?;
     let expected = state
         .memory
         .iter()

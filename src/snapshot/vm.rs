@@ -27,9 +27,13 @@ pub struct SnapshotInfo {
 
 impl MicroVm {
     /// Writes a full snapshot of this paused VM to the directory `dir`
-    /// (created, or replaced atomically if it exists): every vCPU's
-    /// registers and power state, the vGICv3, every device, and all of
-    /// guest memory. The VM stays paused and can be resumed.
+    /// (created `0700`, or replaced atomically if it exists; files `0600`):
+    /// every vCPU's registers and power state, the vGICv3, every device,
+    /// and all of guest memory. The VM stays paused and can be resumed.
+    ///
+    /// If it fails, the VM's diff base is unchanged and no dirty page is
+    /// lost: the next [`snapshot_diff`](Self::snapshot_diff) is relative to
+    /// the previous snapshot and holds every page changed since.
     pub fn snapshot(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
         if !matches!(self.state(), crate::VmState::Paused) {
             return Err(SnapshotError::NotPaused.into());
@@ -38,18 +42,31 @@ impl MicroVm {
         let mut state = self.save_state()?;
         let id = SnapshotId::new().map_err(Error::Host)?;
         state.id = id;
-        if self.config.dirty_tracking {
-            // Every page goes into this snapshot: the next diff starts here.
-            self.harvest_dirty()?;
-        }
         let bytes = super::format::encode(&state)?;
+        // After save_state (the vGIC may have written guest memory) and
+        // after everything else that can fail before the write: every page
+        // goes into this snapshot, the next diff starts here.
+        let harvested = if self.config.dirty_tracking {
+            Some(self.harvest_dirty()?)
+        } else {
+            None
+        };
         let saved = start.elapsed();
 
         let memory = &self.memory;
         let size = self.config.memory_size;
-        super::write_dir(dir.as_ref(), &bytes, |file| {
+        let written = super::write_dir(dir.as_ref(), &bytes, |file| {
             write_memory(memory, size, file)
-        })?;
+        });
+        if let Err(e) = written {
+            // No snapshot holds those pages: the next diff (still relative
+            // to the previous snapshot, whose id stays) must.
+            if let Some(dirty) = harvested {
+                let runs: Vec<_> = dirty.iter().map(|b| b.runs()).collect();
+                self.remark_dirty(&runs);
+            }
+            return Err(e.into());
+        }
         self.snapshot_id = Some(id);
         Ok(SnapshotInfo {
             state_bytes: bytes.len() as u64,
@@ -65,6 +82,9 @@ impl MicroVm {
     /// [`MicroVm::restore_chain`] on top of the snapshots before it, or
     /// compact the chain with [`crate::snapshot::merge`]. Needs
     /// [`dirty_tracking`](crate::MicroVmBuilder::dirty_tracking).
+    ///
+    /// If it fails, no page is lost: the pages it took from the dirty log
+    /// go into the next snapshot, which is still relative to the same one.
     pub fn snapshot_diff(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
         if !matches!(self.state(), crate::VmState::Paused) {
             return Err(SnapshotError::NotPaused.into());
@@ -77,29 +97,34 @@ impl MicroVm {
         ))?;
         let start = std::time::Instant::now();
         let mut state = self.save_state()?;
-        // After save_state: the vGIC's pending tables may just have been
-        // written to guest memory.
-        let dirty = self.harvest_dirty()?;
         let id = SnapshotId::new().map_err(Error::Host)?;
+        // After save_state: the vGIC's pending tables may just have been
+        // written to guest memory. From here on, every failure puts the
+        // harvested pages back.
+        let dirty = self.harvest_dirty()?;
         state.id = id;
         state.parent = Some(parent);
         state.diff = Some(dirty.iter().map(|b| b.runs()).collect());
-        let bytes = super::format::encode(&state)?;
-        let saved = start.elapsed();
-
         let runs = state.diff.as_deref().unwrap_or_default();
-        let written = super::write_dir(dir.as_ref(), &bytes, |file| {
-            write_diff_memory(&self.memory, self.config.memory_size, runs, file)
+        let written = super::format::encode(&state).and_then(|bytes| {
+            let saved = start.elapsed();
+            super::write_dir(dir.as_ref(), &bytes, |file| {
+                write_diff_memory(&self.memory, self.config.memory_size, runs, file)
+            })?;
+            Ok((bytes.len(), saved))
         });
-        if let Err(e) = written {
-            // Those pages are in no snapshot yet: keep them for the next.
-            self.remark_dirty(runs);
-            return Err(e.into());
-        }
+        let (state_bytes, saved) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                // Those pages are in no snapshot yet: keep them for the next.
+                self.remark_dirty(runs);
+                return Err(e.into());
+            }
+        };
         self.snapshot_id = Some(id);
         let pages: u64 = runs.iter().flatten().map(|(_, n)| n).sum();
         Ok(SnapshotInfo {
-            state_bytes: bytes.len() as u64,
+            state_bytes: state_bytes as u64,
             memory_bytes: pages * crate::arch::aarch64::layout::PAGE_SIZE,
             save_state: saved,
             write_files: start.elapsed() - saved,
@@ -119,7 +144,8 @@ impl MicroVm {
         })
     }
 
-    /// Marks pages dirty again in the VMM's bitmap (after a failed diff).
+    /// Marks pages dirty again in the VMM's bitmap (after a failed
+    /// snapshot), so the next harvest returns them.
     fn remark_dirty(&self, runs: &[Vec<(u64, u64)>]) {
         use vm_memory::GuestMemoryBackend as _;
         let page = crate::arch::aarch64::layout::PAGE_SIZE;
@@ -152,6 +178,7 @@ impl MicroVm {
             block_paths: Vec::new(),
             taps: Vec::new(),
             vsock_uds: None,
+            reuse_saved_paths: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             resume: false,
         }
@@ -181,7 +208,7 @@ fn write_diff_memory(
                 file,
                 len,
             )
-            .map_err(std::io::Error::other)?;
+            .map_err(io_error)?;
     }
     Ok(())
 }
@@ -196,11 +223,28 @@ fn write_memory(
     let len = usize::try_from(size).map_err(std::io::Error::other)?;
     memory
         .write_all_volatile_to(crate::DRAM_START, file, len)
-        .map_err(std::io::Error::other)
+        .map_err(io_error)
+}
+
+/// The file's own error (ENOSPC, EIO...) when guest memory could not be
+/// written to it, so the caller sees what the OS said.
+fn io_error(e: vm_memory::GuestMemoryError) -> std::io::Error {
+    match e {
+        vm_memory::GuestMemoryError::IOError(e) => e,
+        other => std::io::Error::other(other),
+    }
 }
 
 /// How to restore a snapshot: in the same or a fresh process, as is or as
 /// a clone with its own host resources. Made by [`MicroVm::restore`].
+///
+/// A snapshot file is not trusted to choose host resources: every disk
+/// image, TAP and vsock socket the snapshot's devices used must be named by
+/// the caller ([`block_path`](Self::block_path), [`tap`](Self::tap),
+/// [`vsock_uds`](Self::vsock_uds)), unless the caller consents to reopening
+/// the ones the snapshot names with
+/// [`reuse_saved_paths(true)`](Self::reuse_saved_paths). A device left
+/// unnamed is [`SnapshotError::SavedResourceNotNamed`].
 ///
 /// ```no_run
 /// # fn main() -> Result<(), dormouse::Error> {
@@ -219,6 +263,7 @@ pub struct Restore {
     block_paths: Vec<(usize, PathBuf)>,
     taps: Vec<(usize, TapConfig)>,
     vsock_uds: Option<PathBuf>,
+    reuse_saved_paths: bool,
     kvm_device: PathBuf,
     resume: bool,
 }
@@ -230,6 +275,7 @@ impl std::fmt::Debug for Restore {
             .field("block_paths", &self.block_paths)
             .field("taps", &self.taps)
             .field("vsock_uds", &self.vsock_uds)
+            .field("reuse_saved_paths", &self.reuse_saved_paths)
             .field("resume", &self.resume)
             .finish_non_exhaustive()
     }
@@ -266,6 +312,15 @@ impl Restore {
     /// own; each running VM needs its own).
     pub fn vsock_uds(mut self, path: impl Into<PathBuf>) -> Self {
         self.vsock_uds = Some(path.into());
+        self
+    }
+
+    /// Whether the disk images, TAPs and vsock socket paths stored in the
+    /// snapshot may be reopened for the devices the caller does not name
+    /// (default: no, each must be named). Consent only for snapshots you
+    /// wrote yourself: a snapshot file names whatever its writer chose.
+    pub fn reuse_saved_paths(mut self, reuse: bool) -> Self {
+        self.reuse_saved_paths = reuse;
         self
     }
 
@@ -312,6 +367,44 @@ impl Restore {
             return Err(SnapshotError::Inconsistent(
                 "vsock_uds() but the snapshot has no vsock device".into(),
             ));
+        }
+        if self.reuse_saved_paths {
+            return Ok(());
+        }
+        let (mut block, mut net, mut vsock) = (0, 0, 0);
+        for device in &state.config.devices {
+            let (kind, index, named, saved, method) = match device {
+                SavedDevice::Block { path, .. } => {
+                    block += 1;
+                    let named = self.block_paths.iter().any(|(i, _)| *i == block - 1);
+                    (
+                        "disk",
+                        block - 1,
+                        named,
+                        path.display().to_string(),
+                        "block_path",
+                    )
+                }
+                SavedDevice::Net { tap, .. } => {
+                    net += 1;
+                    let named = self.taps.iter().any(|(i, _)| *i == net - 1);
+                    ("network interface", net - 1, named, tap.clone(), "tap")
+                }
+                SavedDevice::Vsock { uds_path, .. } => {
+                    vsock += 1;
+                    let named = self.vsock_uds.is_some();
+                    let saved = uds_path.display().to_string();
+                    ("vsock device", vsock - 1, named, saved, "vsock_uds")
+                }
+            };
+            if !named {
+                return Err(SnapshotError::SavedResourceNotNamed {
+                    kind,
+                    index,
+                    saved,
+                    method,
+                });
+            }
         }
         Ok(())
     }

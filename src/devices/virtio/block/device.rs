@@ -51,6 +51,31 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The disk image is neither a regular file nor a block device.
+    #[error(
+        "{path:?} is neither a regular file nor a block device: give a raw disk image or a block \
+         device as the disk"
+    )]
+    NotADisk {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// Another VM (or process) has the disk image locked.
+    #[error(
+        "disk image {path:?} is in use: another VM or process holds a lock on it ({}); give \
+         each VM its own copy of a writable disk (a restored clone: Restore::block_path), or \
+         open it read-only in every VM that shares it",
+        if *read_only { "a writer" } else { "a writer or a reader" }
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// Whether this device wanted it read-only (a shared lock).
+        read_only: bool,
+        /// What flock(2) said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The disk image is not a whole number of 512-byte sectors.
     #[error(
         "disk image {path:?} is {size} bytes, not a multiple of 512: pad it to whole sectors \
@@ -127,6 +152,11 @@ impl Block {
     /// a block device whose size is a multiple of 512 bytes). With
     /// `read_only` the image is opened read-only and the guest sees a
     /// read-only disk.
+    ///
+    /// The image stays locked while the device lives (`flock`): exclusively
+    /// when writable, shared when read-only. So one writable image serves
+    /// one VM at a time, and a read-only one any number of read-only VMs;
+    /// anything else is [`BlockError::Locked`].
     pub fn new(path: &Path, read_only: bool) -> Result<Block, BlockError> {
         let disk = Disk::open(path, read_only)?;
         let queue_evt =

@@ -487,11 +487,6 @@ fn flush_and_get_id() {
     );
     let id = rig.guest(DATA, 20);
     assert!(id.starts_with(b"dm-"), "{id:?}");
-    // Stable: another device on the same file has the same id.
-    let mem2 = guest_memory();
-    let mut rig2 = Rig::new(&mem2, &d.path, true);
-    rig2.request(VIRTIO_BLK_T_GET_ID, 0, &[D::W(DATA, 20)]);
-    assert_eq!(rig2.guest(DATA, 20), id);
     // A different file has a different id.
     let other = disk();
     let mem3 = guest_memory();
@@ -511,6 +506,13 @@ fn flush_and_get_id() {
     );
     assert_eq!(rig.guest(DATA2, 20), id);
     assert_eq!(rig.guest(DATA2 + 20, 1), [0xee]);
+    // Stable: another device on the same file has the same id (once the
+    // first, which locks the file, is gone).
+    drop(rig);
+    let mem2 = guest_memory();
+    let mut rig2 = Rig::new(&mem2, &d.path, true);
+    rig2.request(VIRTIO_BLK_T_GET_ID, 0, &[D::W(DATA, 20)]);
+    assert_eq!(rig2.guest(DATA, 20), id);
 }
 
 #[test]
@@ -909,7 +911,9 @@ fn requests_flow_through_the_event_loop() {
     rig.add_chain(&[D::R(HDR, 16), D::W(DATA, 512), D::W(STATUS, 1)]);
 
     let evt = rig.dev.queue_events()[0].try_clone().unwrap();
-    let dev = std::mem::replace(&mut rig.dev, Block::new(&d.path, true).unwrap());
+    // A stand-in on another image: this one is locked by the rig's device.
+    let spare = disk();
+    let dev = std::mem::replace(&mut rig.dev, Block::new(&spare.path, true).unwrap());
     let dev = Arc::new(Mutex::new(dev));
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     manager.add_subscriber(dev.clone());
