@@ -275,7 +275,7 @@ impl Block {
         };
         if used && queue.needs_notification(mem).unwrap_or(true) {
             if let Err(e) = active.interrupt.signal_used_queue() {
-                log::warn!("virtio-blk: cannot signal the guest: {e}");
+                crate::guest_warn!("virtio-blk: cannot signal the guest: {e}");
             }
         }
         match outcome {
@@ -285,11 +285,11 @@ impl Block {
             Ok(Pass::BudgetSpent) => {
                 // Come back for the rest on the next event-loop turn.
                 if let Err(e) = self.queue_evts[0].write(1) {
-                    log::warn!("virtio-blk: cannot re-kick its queue: {e}");
+                    crate::guest_warn!("virtio-blk: cannot re-kick its queue: {e}");
                 }
             }
             Err(e) => {
-                log::warn!("virtio-blk: the driver corrupted the request queue ({e}); the device needs a reset");
+                crate::guest_warn!("virtio-blk: the driver corrupted the request queue ({e}); the device needs a reset");
                 self.broken = true;
                 let _ = active.interrupt.signal_config_change();
             }

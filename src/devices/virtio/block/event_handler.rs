@@ -26,7 +26,7 @@ impl MutEventSubscriber for Block {
                 }
                 self.process_queue();
             }
-            other => log::warn!("virtio-blk: event for unknown token {other}"),
+            other => crate::guest_warn!("virtio-blk: event for unknown token {other}"),
         }
     }
 

@@ -209,7 +209,7 @@ fn execute(
         VIRTIO_BLK_T_FLUSH => match disk.flush() {
             Ok(()) => (VIRTIO_BLK_S_OK, 0),
             Err(e) => {
-                log::warn!("virtio-blk: flush failed: {e}");
+                crate::guest_warn!("virtio-blk: flush failed: {e}");
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         },
@@ -257,7 +257,7 @@ fn read(disk: &Disk, mem: &GuestMemoryMmap, layout: &Layout, sector: u64) -> (u3
     match disk.read_into(mem, &layout.writable, offset) {
         Ok(n) => (VIRTIO_BLK_S_OK, n),
         Err((n, e)) => {
-            log::warn!("virtio-blk: read at sector {sector} failed: {e}");
+            crate::guest_warn!("virtio-blk: read at sector {sector} failed: {e}");
             (VIRTIO_BLK_S_IOERR, n)
         }
     }
@@ -288,7 +288,7 @@ fn write(
     match result {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) => {
-            log::warn!("virtio-blk: write at sector {sector} failed: {e}");
+            crate::guest_warn!("virtio-blk: write at sector {sector} failed: {e}");
             VIRTIO_BLK_S_IOERR
         }
     }
@@ -333,7 +333,7 @@ fn discard(disk: &Disk, mem: &GuestMemoryMmap, layout: &mut Layout, zeroes: bool
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_UNSUPP,
         Err(e) => {
-            log::warn!("virtio-blk: discard/write-zeroes at sector {sector} failed: {e}");
+            crate::guest_warn!("virtio-blk: discard/write-zeroes at sector {sector} failed: {e}");
             VIRTIO_BLK_S_IOERR
         }
     }

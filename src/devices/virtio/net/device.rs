@@ -265,7 +265,7 @@ impl Net {
                 Some(len) => len,
                 None => match tap.read_frame(rx_buf) {
                     Ok(0) => {
-                        log::warn!("virtio-net: TAP {} closed", tap.name());
+                        crate::guest_warn!("virtio-net: TAP {} closed", tap.name());
                         result = Ok(RxStop::TapGone);
                         break;
                     }
@@ -467,7 +467,7 @@ impl Net {
 
     /// The driver broke a ring: stop until it resets the device.
     fn fail(&mut self, error: &RingError) {
-        log::warn!("virtio-net: the driver broke a queue, device needs reset: {error}");
+        crate::guest_warn!("virtio-net: the driver broke a queue, device needs reset: {error}");
         self.broken = true;
         self.rx_wants_tap = false;
         if let Some(active) = &self.active {

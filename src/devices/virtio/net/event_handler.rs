@@ -110,7 +110,7 @@ impl MutEventSubscriber for Net {
                     self.rx_pass();
                 }
             }
-            other => log::warn!("virtio-net: unexpected event data {other}"),
+            other => crate::guest_warn!("virtio-net: unexpected event data {other}"),
         }
         self.sync_tap_watch(ops);
     }
