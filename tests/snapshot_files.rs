@@ -545,6 +545,7 @@ fn transport(device_type: u32) -> TransportState {
         interrupt_status: 0,
         config_generation: 0,
         queues: Vec::new(),
+        rate_limiters: Vec::new(),
     }
 }
 
@@ -556,14 +557,18 @@ fn state_with_devices() -> VmState {
         SavedDevice::Block {
             path: "/nonexistent/saved-disk.img".into(),
             read_only: false,
+            rate_limiter: Default::default(),
         },
         SavedDevice::Net {
             tap: "someone-elses-tap".into(),
             mac: [6, 0, 0, 0, 0, 1],
+            rx_rate_limiter: Default::default(),
+            tx_rate_limiter: Default::default(),
         },
         SavedDevice::Vsock {
             cid: 3,
             uds_path: "/run/another-vm.vsock".into(),
+            config: Default::default(),
         },
     ];
     s.virtio = vec![transport(2), transport(1), transport(19)];

@@ -231,7 +231,7 @@ mod tests {
         newer_major[8..10].copy_from_slice(&(MAJOR + 1).to_le_bytes());
         assert!(matches!(
             decode_sample(&newer_major),
-            Err(SnapshotError::UnsupportedVersion { file: (2, 0), .. })
+            Err(SnapshotError::UnsupportedVersion { file: (2, _), .. })
         ));
         let mut newer_minor = good.clone();
         newer_minor[10..12].copy_from_slice(&(MINOR + 1).to_le_bytes());

@@ -1026,7 +1026,9 @@ fn the_limiter_timer_resumes_the_queue_on_the_event_loop() {
         rig.add_chain(&[D::R(HDR, 16), D::W(STATUS, 1)]);
     }
     let evt = rig.dev.queue_events()[0].try_clone().unwrap();
-    let dev = std::mem::replace(&mut rig.dev, Block::new(&d.path, true).unwrap());
+    // A placeholder on its own image: the rig's device holds `d` locked.
+    let placeholder = disk();
+    let dev = std::mem::replace(&mut rig.dev, Block::new(&placeholder.path, true).unwrap());
     let dev = Arc::new(Mutex::new(dev));
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     manager.add_subscriber(dev.clone());
@@ -1090,7 +1092,9 @@ fn rate_limiter_budgets_survive_save_and_restore() {
     let bytes = postcard::to_allocvec(&states).unwrap();
     let states: Vec<crate::rate_limiter::RateLimiterState> = postcard::from_bytes(&bytes).unwrap();
 
-    let mut fresh = Block::new(&d.path, false)
+    // Another image: the first device still holds `d` locked.
+    let other = disk();
+    let mut fresh = Block::new(&other.path, false)
         .unwrap()
         .with_rate_limiter(&config)
         .unwrap();
@@ -1105,7 +1109,8 @@ fn rate_limiter_budgets_survive_save_and_restore() {
         "{budget}"
     );
     // Without a limiter there is nothing to restore into.
-    let mut unlimited = Block::new(&d.path, false).unwrap();
+    let third = disk();
+    let mut unlimited = Block::new(&third.path, false).unwrap();
     unlimited.restore_rate_limiters(&states);
     assert!(unlimited.rate_limiter.is_none());
     assert_eq!(
