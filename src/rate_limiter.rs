@@ -433,7 +433,7 @@ impl RateLimiter {
         let now = Instant::now();
         let bucket = |c: Option<TokenBucketConfig>, kind| c.map(|c| TokenBucket::new(c, kind, now));
         let timer = TimerFd::new().map_err(|e| RateLimiterError::Timer(e.into()))?;
-        set_nonblocking(&timer).map_err(RateLimiterError::Timer)?;
+        crate::devices::set_nonblocking(&timer).map_err(RateLimiterError::Timer)?;
         Ok(Self {
             bandwidth: bucket(config.bandwidth, BucketKind::Bandwidth).transpose()?,
             ops: bucket(config.ops, BucketKind::Ops).transpose()?,
@@ -543,22 +543,6 @@ impl AsRawFd for RateLimiter {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.timer.as_raw_fd()
     }
-}
-
-/// Makes `timer`'s reads non-blocking, so a wake-up that raced with a
-/// re-arm can never stall the event loop.
-fn set_nonblocking(timer: &TimerFd) -> io::Result<()> {
-    let fd = timer.as_raw_fd();
-    // SAFETY: F_GETFL on a descriptor we own reads no memory of ours.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFL on a descriptor we own, with an integer argument.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

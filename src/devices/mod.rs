@@ -52,3 +52,21 @@ impl vm_superio::Trigger for EventFdTrigger {
         self.0.write(1)
     }
 }
+
+/// Makes `fd` non-blocking (`O_NONBLOCK`): device fds are read on the
+/// event loop, which must never wait on one.
+pub(crate) fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: F_GETFL takes no pointer and only reads the flags of `fd`,
+    // which the caller's borrow keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; F_SETFL takes an integer and changes only the
+    // file status flags of `fd`.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

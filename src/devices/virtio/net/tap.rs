@@ -234,17 +234,7 @@ fn ifreq_name(ifr: &libc::ifreq) -> String {
 }
 
 fn set_nonblocking(file: &File) -> Result<(), NetError> {
-    // SAFETY: F_GETFL on a descriptor we own reads no memory of ours.
-    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(NetError::NonBlocking(io::Error::last_os_error()));
-    }
-    // SAFETY: F_SETFL on a descriptor we own, with an integer argument.
-    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
-    if ret < 0 {
-        return Err(NetError::NonBlocking(io::Error::last_os_error()));
-    }
-    Ok(())
+    crate::devices::set_nonblocking(file).map_err(NetError::NonBlocking)
 }
 
 #[cfg(test)]

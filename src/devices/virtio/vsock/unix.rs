@@ -63,22 +63,7 @@ pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
-/// Makes `fd` non-blocking (`O_NONBLOCK`).
-pub(crate) fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: F_GETFL takes no pointer and only reads the flags of `fd`,
-    // which the caller's borrow keeps open.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above; F_SETFL takes an integer and changes only the
-    // file status flags of `fd`.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub(crate) use crate::devices::set_nonblocking;
 
 /// Writes to a stream socket without blocking and without SIGPIPE when the
 /// peer has gone (`EPIPE` comes back as an error instead): the embedding
