@@ -16,6 +16,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{self, SeccompError, ThreadFilters, ThreadKind};
+
 /// A device (or anything else) that the loop drives.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -28,6 +30,9 @@ pub enum EventLoopError {
     /// event-manager failed (epoll creation or a subscriber's registration).
     #[error("the device event loop failed: {0:?}")]
     Manager(event_manager::Error),
+    /// The loop thread could not install its seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Ends the loop when its eventfd is written.
@@ -112,8 +117,19 @@ pub struct EventLoop {
 
 impl EventLoop {
     /// Starts the thread and registers every subscriber (each one's `init`
-    /// runs on the loop thread before this returns).
+    /// runs on the loop thread before this returns). The thread has no
+    /// seccomp filter: a VM's loop is started with its filters.
     pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+        let filters = ThreadFilters::new(&seccomp::SeccompPolicy::Disabled)?;
+        Self::start_filtered(subscribers, Arc::new(filters))
+    }
+
+    /// Starts the thread, which installs the device I/O filter of
+    /// `filters` on itself first, then registers every subscriber.
+    pub(crate) fn start_filtered(
+        subscribers: Vec<Subscriber>,
+        filters: Arc<ThreadFilters>,
+    ) -> Result<Self, EventLoopError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Io)?;
         let stopper = Stopper {
             evt: stop.try_clone().map_err(EventLoopError::Io)?,
@@ -128,7 +144,16 @@ impl EventLoop {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("dormouse-io".into())
-            .spawn(move || run(subscribers, stopper, parker, ready_tx))
+            .spawn(move || {
+                let _seccomp = match filters.enter(ThreadKind::DeviceIo, None) {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                run(subscribers, stopper, parker, ready_tx, &filters)
+            })
             .map_err(EventLoopError::Io)?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
@@ -139,7 +164,7 @@ impl EventLoop {
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
-                Err(EventLoopError::Manager(e))
+                Err(e)
             }
             Err(mpsc::RecvError) => {
                 let _ = thread.join();
@@ -177,6 +202,12 @@ impl EventLoop {
         true
     }
 
+    /// Makes the loop thread go round once (it reaches its seccomp
+    /// checkpoint), without parking it.
+    pub(crate) fn wake(&self) {
+        let _ = self.pause.write(1);
+    }
+
     /// Lets a paused loop run again.
     pub fn resume(&self) {
         let mut state = self.park.lock();
@@ -189,12 +220,13 @@ fn run(
     subscribers: Vec<Subscriber>,
     stopper: Stopper,
     parker: Parker,
-    ready: mpsc::Sender<Result<(), event_manager::Error>>,
+    ready: mpsc::Sender<Result<(), EventLoopError>>,
+    filters: &ThreadFilters,
 ) {
     let mut manager = match EventManager::<Subscriber>::new() {
         Ok(m) => m,
         Err(e) => {
-            let _ = ready.send(Err(e));
+            let _ = ready.send(Err(EventLoopError::Manager(e)));
             return;
         }
     };
@@ -208,6 +240,11 @@ fn run(
     while !stop.load(Ordering::Acquire) {
         if let Err(e) = manager.run() {
             log::error!("device event loop stopped: {e:?}");
+            return;
+        }
+        if let Some(v) = seccomp::checkpoint(ThreadKind::DeviceIo) {
+            log::error!("device event loop stopped: {v}, which its seccomp filter forbids");
+            filters.check();
             return;
         }
     }

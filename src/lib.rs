@@ -39,8 +39,15 @@
 //!
 //! # Signals
 //!
-//! vCPU threads are kicked out of the guest with `SIGRTMIN`; a program that
-//! embeds dormouse must leave that signal to it.
+//! vCPU threads are kicked out of the guest with `SIGRTMIN`, and seccomp
+//! violations are caught with `SIGSYS` ([`seccomp`]); a program that embeds
+//! dormouse must leave both signals to it.
+//!
+//! # Seccomp
+//!
+//! Every thread dormouse starts installs its own seccomp filter before it
+//! touches the guest ([`seccomp`]); [`MicroVmBuilder::seccomp_policy`]
+//! chooses the filters.
 
 pub mod arch;
 mod build;
@@ -52,6 +59,7 @@ pub mod dirty;
 pub mod event_loop;
 pub mod memory;
 mod microvm;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
@@ -110,4 +118,8 @@ pub enum Error {
     /// Taking or restoring a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// A seccomp filter could not be built or installed, or a thread made
+    /// a system call its filter forbids.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }

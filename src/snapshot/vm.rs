@@ -154,6 +154,7 @@ impl MicroVm {
             vsock_uds: None,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             resume: false,
+            seccomp: crate::seccomp::SeccompPolicy::Default,
         }
     }
 }
@@ -221,6 +222,7 @@ pub struct Restore {
     vsock_uds: Option<PathBuf>,
     kvm_device: PathBuf,
     resume: bool,
+    seccomp: crate::seccomp::SeccompPolicy,
 }
 
 impl std::fmt::Debug for Restore {
@@ -231,6 +233,7 @@ impl std::fmt::Debug for Restore {
             .field("taps", &self.taps)
             .field("vsock_uds", &self.vsock_uds)
             .field("resume", &self.resume)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -279,6 +282,14 @@ impl Restore {
     /// it is paused).
     pub fn resume(mut self, running: bool) -> Self {
         self.resume = running;
+        self
+    }
+
+    /// Which seccomp filters the restored VM's threads install (default:
+    /// dormouse's own per thread kind); see
+    /// [`MicroVmBuilder::seccomp_policy`](crate::MicroVmBuilder::seccomp_policy).
+    pub fn seccomp_policy(mut self, policy: crate::seccomp::SeccompPolicy) -> Self {
+        self.seccomp = policy;
         self
     }
 
@@ -344,7 +355,7 @@ mod aarch64 {
     use super::Restore;
     use crate::arch::aarch64::layout::{DRAM_START, PAGE_SIZE};
     use crate::arch::aarch64::{regs, ArchError};
-    use crate::build::{assemble, attach_virtio_devices, create_core};
+    use crate::build::{assemble, attach_virtio_devices, create_core, Threads};
     use crate::builder::VirtioConfig;
     use crate::device_manager::{DeviceError, DeviceManager};
     use crate::memory::GuestMemoryMmap;
@@ -533,6 +544,11 @@ mod aarch64 {
         let newest = layers
             .pop()
             .ok_or(Error::Internal("restore of an empty chain"))?;
+        let (threads, output) = Threads::start(
+            &restore.seccomp,
+            restore.serial_output.take(),
+            restore.serial_input.take(),
+        )?;
         let memory = match layers.first() {
             // A chain: the base's memory, each later layer mapped over it.
             Some(base) => {
@@ -556,10 +572,6 @@ mod aarch64 {
         )?;
 
         let mut devices = DeviceManager::new();
-        let output = restore
-            .serial_output
-            .take()
-            .unwrap_or_else(|| Box::new(std::io::sink()));
         devices.attach_serial(&core.vm, output, Some(&state.serial))?;
         if let Some(rtc) = &state.rtc {
             devices.attach_rtc(Some(rtc))?;
@@ -584,8 +596,7 @@ mod aarch64 {
             devices: saved_devices,
             ..state.config
         };
-        let input = restore.serial_input.take();
-        let mut vm = assemble(core, devices, config, input)?;
+        let mut vm = assemble(core, devices, config, threads)?;
         vm.snapshot_id = Some(state.id);
         if restore.resume {
             vm.start()?;
