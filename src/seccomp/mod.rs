@@ -116,7 +116,7 @@ impl std::fmt::Debug for SeccompPolicy {
 }
 
 /// A forbidden system call, and the thread that made it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Violation {
     /// The kind of thread.
     pub thread: ThreadKind,
@@ -130,6 +130,17 @@ impl Violation {
     /// The system call's name, where dormouse knows it.
     pub fn syscall_name(&self) -> Option<&'static str> {
         syscall_name(self.syscall)
+    }
+}
+
+impl std::fmt::Debug for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Violation")
+            .field("thread", &self.thread)
+            .field("vcpu", &self.vcpu)
+            .field("syscall", &self.syscall)
+            .field("name", &self.syscall_name())
+            .finish()
     }
 }
 
