@@ -98,7 +98,9 @@ pub enum SeccompPolicy {
     /// The embedder's own compiled filter per thread kind (for the host's
     /// architecture); a kind that has none gets the default filter. An
     /// embedder's sink or source that needs more than the console threads'
-    /// defaults is the usual reason.
+    /// defaults is the usual reason. A filter that traps must allow
+    /// `rt_sigreturn`, or the thread cannot return from the `SIGSYS`
+    /// handler and the kernel ends the process.
     Custom(BTreeMap<ThreadKind, BpfProgram>),
 }
 
