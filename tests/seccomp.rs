@@ -2,6 +2,10 @@
 //! device I/O thread (made through a test hook) fails the VM with an error
 //! that names the thread and the call; with filters off the same call goes
 //! through; a restore takes its own policy.
+//!
+//! These run only on aarch64 hosts with /dev/kvm (`cargo xtask test` runs
+//! them inside the emulated arm64 host).
+#![cfg(target_arch = "aarch64")]
 
 mod common;
 
