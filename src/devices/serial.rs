@@ -247,8 +247,15 @@ pub struct ConsoleWriter(Arc<Ring>);
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().push(buf);
-        self.0.changed.notify_all();
+        let mut state = self.0.lock();
+        // The thread only waits on an empty ring: wake it (a system call)
+        // only then, not for every byte.
+        let was_empty = state.bytes.is_empty();
+        state.push(buf);
+        drop(state);
+        if was_empty {
+            self.0.changed.notify_all();
+        }
         Ok(buf.len())
     }
 
