@@ -48,12 +48,13 @@ mod aarch64 {
     use crate::arch::aarch64::{boot, layout, regs, ArchError};
     use crate::builder::{ConfigError, MicroVmBuilder, VirtioConfig};
     use crate::device_manager::{DeviceError, DeviceManager};
-    use crate::devices::serial::{self, SerialInput};
+    use crate::devices::serial::{self, ConsoleOutput, SerialInput, SerialOutput};
     use crate::devices::virtio::block::Block;
     use crate::devices::virtio::net::Net;
     use crate::devices::virtio::vsock::Vsock;
     use crate::memory::{self, GuestMemoryMmap};
     use crate::microvm::RunState;
+    use crate::seccomp::{SeccompPolicy, ThreadFilters};
     use crate::snapshot::{SavedConfig, SavedDevice};
     use crate::vcpu::{Vcpu, VcpuError};
     use crate::{vm, Error, MicroVm};
@@ -197,15 +198,50 @@ mod aarch64 {
         Ok(saved)
     }
 
+    /// What the VM's own threads need: the seccomp filters they install,
+    /// the console output thread, and the console input.
+    pub(crate) struct Threads {
+        filters: Arc<ThreadFilters>,
+        console: Option<ConsoleOutput>,
+        input: Option<SerialInput>,
+    }
+
+    impl Threads {
+        /// Compiles the filters of `policy` and starts the console output
+        /// thread if there is a sink. Returns what the UART writes to.
+        /// First of all phases: a bad policy is a configuration error.
+        pub(crate) fn start(
+            policy: &SeccompPolicy,
+            output: Option<SerialOutput>,
+            input: Option<SerialInput>,
+        ) -> Result<(Self, SerialOutput), Error> {
+            let filters = Arc::new(ThreadFilters::new(policy)?);
+            let (console, writer): (_, SerialOutput) = match output {
+                Some(sink) => {
+                    let (console, writer) =
+                        ConsoleOutput::start(sink, serial::CONSOLE_BUFFER_BYTES, &filters)?;
+                    (Some(console), Box::new(writer))
+                }
+                None => (None, Box::new(io::sink())),
+            };
+            let threads = Self {
+                filters,
+                console,
+                input,
+            };
+            Ok((threads, writer))
+        }
+    }
+
     /// Puts the pieces together: starts the device event loop parked and
     /// the console input thread. The VM comes out paused.
     pub(crate) fn assemble(
         core: Core,
         mut devices: DeviceManager,
         config: SavedConfig,
-        serial_input: Option<SerialInput>,
+        threads: Threads,
     ) -> Result<MicroVm, Error> {
-        let event_loop = devices.start_event_loop()?;
+        let event_loop = devices.start_event_loop(threads.filters.clone())?;
         event_loop
             .pause_within(crate::DEFAULT_PAUSE_DEADLINE)
             .map_err(|e| match e {
@@ -218,14 +254,16 @@ mod aarch64 {
             .serial
             .ok_or(Error::Internal("the console UART was not attached"))?;
         // Last: nothing can fail once the console thread runs.
-        if let Some(input) = serial_input {
-            serial::spawn_input_thread(Arc::downgrade(&serial), input).map_err(Error::Host)?;
+        if let Some(input) = threads.input {
+            serial::spawn_input_thread(Arc::downgrade(&serial), input, &threads.filters)?;
         }
         Ok(MicroVm {
             snapshot_id: None,
             dirty: core.dirty,
             run: RunState::Paused,
             event_loop,
+            console: threads.console,
+            seccomp: threads.filters,
             vcpus: core.vcpus,
             gic: core.gic,
             bus: Arc::new(devices.bus),
@@ -240,6 +278,11 @@ mod aarch64 {
 
     /// The build recipe for a new VM.
     pub(crate) fn build(mut config: MicroVmBuilder) -> Result<MicroVm, Error> {
+        let (threads, output) = Threads::start(
+            &config.seccomp,
+            config.serial_output.take(),
+            config.serial_input.take(),
+        )?;
         let memory = memory::create(config.memory_size)?;
         let core = create_core(
             &config.kvm_device,
@@ -249,10 +292,6 @@ mod aarch64 {
         )?;
 
         let mut devices = DeviceManager::new();
-        let output = config
-            .serial_output
-            .take()
-            .unwrap_or_else(|| Box::new(io::sink()));
         devices.attach_serial(&core.vm, output, None)?;
         if config.rtc {
             devices.attach_rtc(None)?;
@@ -281,8 +320,7 @@ mod aarch64 {
             dirty_ring: config.dirty_ring,
             devices: saved_devices,
         };
-        let input = config.serial_input.take();
-        assemble(core, devices, saved, input)
+        assemble(core, devices, saved, threads)
     }
 
     /// Loads the kernel, initrd and device tree, or the raw payload.

@@ -269,6 +269,7 @@ pub struct MicroVmBuilder {
     pub(crate) virtio: Vec<VirtioConfig>,
     pub(crate) kvm_device: PathBuf,
     pub(crate) test_hooks: TestHooks,
+    pub(crate) seccomp: crate::seccomp::SeccompPolicy,
 }
 
 /// Extra devices that dormouse's own tests attach to reach failure paths a
@@ -292,6 +293,7 @@ impl std::fmt::Debug for MicroVmBuilder {
                 &self.payload.as_ref().map(|p| (p.addr, p.bytes.len())),
             )
             .field("kvm_device", &self.kvm_device)
+            .field("seccomp", &self.seccomp)
             .finish()
     }
 }
@@ -313,6 +315,7 @@ impl Default for MicroVmBuilder {
             virtio: Vec::new(),
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             test_hooks: TestHooks::default(),
+            seccomp: crate::seccomp::SeccompPolicy::Default,
         }
     }
 }
@@ -488,6 +491,15 @@ impl MicroVmBuilder {
     /// expose it elsewhere, e.g. inside a jail.
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
+        self
+    }
+
+    /// Which seccomp filters the VM's threads install (default:
+    /// [`SeccompPolicy::Default`](crate::seccomp::SeccompPolicy::Default),
+    /// dormouse's own per thread kind). See [`crate::seccomp`];
+    /// `SeccompPolicy::Disabled` is unsafe.
+    pub fn seccomp_policy(mut self, policy: crate::seccomp::SeccompPolicy) -> Self {
+        self.seccomp = policy;
         self
     }
 

@@ -245,10 +245,16 @@ impl DeviceManager {
         self.subscribers.push((name, subscriber));
     }
 
-    /// Starts the event loop over every attached device's I/O.
-    pub fn start_event_loop(&mut self) -> Result<EventLoop, DeviceError> {
-        Ok(EventLoop::start_named(std::mem::take(
-            &mut self.subscribers,
-        ))?)
+    /// Starts the event loop over every attached device's I/O; its thread
+    /// installs the device I/O filter of `filters`.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) fn start_event_loop(
+        &mut self,
+        filters: Arc<crate::seccomp::ThreadFilters>,
+    ) -> Result<EventLoop, DeviceError> {
+        Ok(EventLoop::start_filtered(
+            std::mem::take(&mut self.subscribers),
+            filters,
+        )?)
     }
 }

@@ -24,6 +24,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{self, SeccompError, ThreadFilters, ThreadKind};
+
 /// A device (or anything else) that the loop drives.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -36,6 +38,9 @@ pub enum EventLoopError {
     /// event-manager failed (epoll creation or a subscriber's registration).
     #[error("the device event loop failed: {0:?}")]
     Manager(event_manager::Error),
+    /// The loop thread could not install its seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Why the device I/O thread ended while the VM still needed it.
@@ -224,7 +229,8 @@ impl EventLoop {
     /// Starts the thread and registers every subscriber (each one's `init`
     /// runs on the loop thread before this returns). Subscribers are named
     /// by their position ("subscriber 0", ...); see
-    /// [`start_named`](Self::start_named).
+    /// [`start_named`](Self::start_named). The thread has no seccomp
+    /// filter: a VM's loop is started with its filters.
     pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
         Self::start_named(
             subscribers
@@ -238,6 +244,16 @@ impl EventLoop {
     /// Like [`start`](Self::start), with a name for each subscriber that
     /// failure and pause reports use.
     pub fn start_named(subscribers: Vec<(String, Subscriber)>) -> Result<Self, EventLoopError> {
+        let filters = ThreadFilters::new(&seccomp::SeccompPolicy::Disabled)?;
+        Self::start_filtered(subscribers, Arc::new(filters))
+    }
+
+    /// Like [`start_named`](Self::start_named); the thread installs the
+    /// device I/O filter of `filters` on itself first.
+    pub(crate) fn start_filtered(
+        subscribers: Vec<(String, Subscriber)>,
+        filters: Arc<ThreadFilters>,
+    ) -> Result<Self, EventLoopError> {
         let health = Arc::new(Health {
             names: subscribers.iter().map(|(n, _)| n.clone()).collect(),
             busy: AtomicUsize::new(IDLE),
@@ -271,7 +287,23 @@ impl EventLoop {
         let thread_health = health.clone();
         let thread = thread::Builder::new()
             .name("dormouse-io".into())
-            .spawn(move || run(subscribers, stopper, parker, ready_tx, &thread_health))
+            .spawn(move || {
+                let _seccomp = match filters.enter(ThreadKind::DeviceIo, None) {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                run(
+                    subscribers,
+                    stopper,
+                    parker,
+                    ready_tx,
+                    &thread_health,
+                    &filters,
+                )
+            })
             .map_err(EventLoopError::Io)?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
@@ -283,7 +315,7 @@ impl EventLoop {
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
-                Err(EventLoopError::Manager(e))
+                Err(e)
             }
             Err(mpsc::RecvError) => {
                 let _ = thread.join();
@@ -348,6 +380,12 @@ impl EventLoop {
         }))
     }
 
+    /// Makes the loop thread go round once (it reaches its seccomp
+    /// checkpoint), without parking it.
+    pub(crate) fn wake(&self) {
+        let _ = self.pause.write(1);
+    }
+
     /// Lets a paused loop run again.
     pub fn resume(&self) {
         let mut state = self.park.lock();
@@ -360,13 +398,14 @@ fn run(
     subscribers: Vec<Subscriber>,
     stopper: Stopper,
     parker: Parker,
-    ready: mpsc::Sender<Result<(), event_manager::Error>>,
+    ready: mpsc::Sender<Result<(), EventLoopError>>,
     health: &Health,
+    filters: &ThreadFilters,
 ) {
     let mut manager = match EventManager::<Subscriber>::new() {
         Ok(m) => m,
         Err(e) => {
-            let _ = ready.send(Err(e));
+            let _ = ready.send(Err(EventLoopError::Manager(e)));
             return;
         }
     };
@@ -393,6 +432,11 @@ fn run(
                 });
                 return;
             }
+        }
+        if let Some(v) = seccomp::checkpoint(ThreadKind::DeviceIo) {
+            log::error!("device event loop stopped: {v}, which its seccomp filter forbids");
+            filters.check();
+            return;
         }
     }
 }

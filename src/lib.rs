@@ -39,8 +39,15 @@
 //!
 //! # Signals
 //!
-//! vCPU threads are kicked out of the guest with `SIGRTMIN`; a program that
-//! embeds dormouse must leave that signal to it.
+//! vCPU threads are kicked out of the guest with `SIGRTMIN`, and seccomp
+//! violations are caught with `SIGSYS` ([`seccomp`]); a program that embeds
+//! dormouse must leave both signals to it.
+//!
+//! # Seccomp
+//!
+//! Every thread dormouse starts installs its own seccomp filter before it
+//! touches the guest ([`seccomp`]); [`MicroVmBuilder::seccomp_policy`]
+//! chooses the filters.
 
 pub mod arch;
 mod build;
@@ -54,6 +61,7 @@ pub mod log_limit;
 pub mod memory;
 mod microvm;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
@@ -137,4 +145,8 @@ pub enum Error {
     /// Taking or restoring a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// A seccomp filter could not be built or installed, or a thread made
+    /// a system call its filter forbids.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }

@@ -25,10 +25,11 @@ use kvm_ioctls::VmFd;
 use crate::builder::MicroVmBuilder;
 use crate::bus::MmioBus;
 use crate::devices::rtc::RtcDevice;
-use crate::devices::serial::SerialDevice;
+use crate::devices::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::event_loop::{EventLoop, PauseError};
 use crate::memory::GuestMemoryMmap;
+use crate::seccomp::{ThreadFilters, ThreadKind};
 use crate::snapshot::SavedConfig;
 use crate::vcpu::{ExitReason, Vcpu, VcpuThreads};
 use crate::Error;
@@ -45,7 +46,8 @@ pub enum VmState {
     Pausing,
     /// The guest stopped the VM (power-off, reset).
     Stopped(ExitReason),
-    /// A vCPU or the device I/O thread failed; the VM cannot run again.
+    /// A vCPU or the device I/O thread failed, or a thread made a system
+    /// call its seccomp filter forbids; the VM cannot run again.
     Failed,
 }
 
@@ -85,6 +87,10 @@ pub struct MicroVm {
     pub(crate) dirty: Option<crate::dirty::Tracking>,
     pub(crate) run: RunState,
     pub(crate) event_loop: EventLoop,
+    /// The console output thread, when there is a sink.
+    pub(crate) console: Option<ConsoleOutput>,
+    /// The filters the VM's threads install, and its violation slot.
+    pub(crate) seccomp: Arc<ThreadFilters>,
     pub(crate) vcpus: Vec<Vcpu>,
     #[cfg(target_arch = "aarch64")]
     pub(crate) gic: crate::arch::aarch64::gic::Gic,
@@ -158,13 +164,61 @@ impl MicroVm {
         self.bus.unhandled_accesses()
     }
 
-    /// How many console bytes could not be delivered to the serial sink.
+    /// How many console bytes could not be delivered to the serial sink
+    /// (it returned an error) or failed to raise the UART's interrupt.
     pub fn serial_output_errors(&self) -> u64 {
-        self.serial
+        let uart = self
+            .serial
             .lock()
             .map(|s| s.output_errors())
-            .unwrap_or_else(|p| p.into_inner().output_errors())
+            .unwrap_or_else(|p| p.into_inner().output_errors());
+        uart + self.console.as_ref().map_or(0, ConsoleOutput::sink_errors)
     }
+
+    /// How many console bytes were dropped because the serial sink was
+    /// slower than the guest (the oldest go first once
+    /// [`CONSOLE_BUFFER_BYTES`](crate::devices::serial::CONSOLE_BUFFER_BYTES)
+    /// wait).
+    pub fn serial_output_dropped(&self) -> u64 {
+        self.console.as_ref().map_or(0, ConsoleOutput::dropped)
+    }
+
+    /// The error to report for a failure: a seccomp violation, if a thread
+    /// made one, explains the rest.
+    fn failure(&self, e: Error) -> Error {
+        self.seccomp.error().map_or(e, Error::from)
+    }
+
+    /// Test hook: asks a thread of `kind` to make a system call its default
+    /// seccomp filter forbids (a file open on a vCPU or console thread, an
+    /// `AF_INET` socket on the device thread), and wakes it so that it
+    /// does. Not part of the API.
+    #[doc(hidden)]
+    pub fn inject_forbidden_syscall(&self, kind: ThreadKind) {
+        self.seccomp.inject(kind);
+        match (&self.run, kind) {
+            (RunState::Running(threads), ThreadKind::Vcpu) => threads.kick(),
+            (_, ThreadKind::DeviceIo) => self.event_loop.wake(),
+            _ => {}
+        }
+    }
+
+    /// Test hook: the errno the injected call returned (`Some(0)`: it
+    /// worked), `None` while it has not been made. Not part of the API.
+    #[doc(hidden)]
+    pub fn injected_syscall_errno(&self) -> Option<i32> {
+        self.seccomp.injected_errno()
+    }
+
+    /// Waits a moment for the console sink to take what the guest wrote.
+    fn flush_console(&self) {
+        if let Some(console) = &self.console {
+            console.flush(Self::CONSOLE_FLUSH);
+        }
+    }
+
+    /// How long a stopped VM waits for a slow console sink.
+    const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
     fn not_runnable(&self) -> Error {
         match self.run {
@@ -183,15 +237,19 @@ impl MicroVm {
             RunState::Paused => {}
             _ => return Err(self.not_runnable()),
         }
+        if let Some(e) = self.seccomp.error() {
+            self.run = RunState::Failed;
+            return Err(e.into());
+        }
         self.event_loop.resume();
-        match VcpuThreads::spawn(std::mem::take(&mut self.vcpus), &self.bus) {
+        match VcpuThreads::spawn(std::mem::take(&mut self.vcpus), &self.bus, &self.seccomp) {
             Ok(threads) => {
                 self.run = RunState::Running(threads);
                 Ok(())
             }
             Err(e) => {
                 self.run = RunState::Failed;
-                Err(e.into())
+                Err(self.failure(e.into()))
             }
         }
     }
@@ -247,6 +305,11 @@ impl MicroVm {
         let parked = self
             .event_loop
             .pause_within(until.saturating_duration_since(Instant::now()));
+        // A forbidden system call on any thread explains the rest.
+        if let Some(e) = self.seccomp.error() {
+            self.run = RunState::Failed;
+            return Err(e.into());
+        }
         match (outcome, parked) {
             (Some(Ok(reason)), _) => {
                 self.run = RunState::Stopped(reason);
@@ -272,9 +335,11 @@ impl MicroVm {
         }
     }
 
-    /// Waits until the guest stops the VM (power-off, reset) or a vCPU
-    /// fails, then stops every vCPU. A VM that is not running is an error:
-    /// this would wait forever.
+    /// Waits until the guest stops the VM (power-off, reset), a vCPU
+    /// fails or a thread breaks its seccomp filter, then stops every vCPU
+    /// and gives the console sink a moment to take the guest's last
+    /// output. A VM that is not running is an error: this would wait
+    /// forever.
     pub fn wait(&mut self) -> Result<ExitReason, Error> {
         loop {
             if let Some(reason) = self.wait_timeout(Duration::from_secs(3600))? {
@@ -305,7 +370,7 @@ impl MicroVm {
                         Err((threads, _)) => threads.detach(),
                     }
                 }
-                return Err(Error::DeviceThread(failure));
+                return Err(self.failure(Error::DeviceThread(failure)));
             }
             let slice = until
                 .saturating_duration_since(Instant::now())
@@ -325,7 +390,11 @@ impl MicroVm {
             // The report `wait` returned is the outcome; `stop` only collects
             // the vCPUs (and would only add later reports).
             self.vcpus = threads.stop().vcpus;
-            let reason = outcome?;
+            self.flush_console();
+            let reason = outcome.map_err(|e| self.failure(e.into()))?;
+            if let Some(e) = self.seccomp.error() {
+                return Err(e.into());
+            }
             self.run = RunState::Stopped(reason);
             return Ok(Some(reason));
         }
@@ -342,15 +411,18 @@ impl MicroVm {
 
 impl Drop for MicroVm {
     fn drop(&mut self) {
-        let threads = match std::mem::replace(&mut self.run, RunState::Failed) {
-            RunState::Running(threads) | RunState::Pausing(Some(threads)) => threads,
-            _ => return,
-        };
-        if let Err((threads, stuck)) = threads.stop_within(DROP_GRACE) {
-            // Each thread owns its vCPU fd and handles to the bus and guest
-            // memory, so leaving it behind frees nothing it uses.
-            log::error!("vCPUs {stuck:?} did not stop; leaving their threads behind");
-            threads.detach();
+        if let RunState::Running(threads) | RunState::Pausing(Some(threads)) =
+            std::mem::replace(&mut self.run, RunState::Failed)
+        {
+            if let Err((threads, stuck)) = threads.stop_within(DROP_GRACE) {
+                // Each thread owns its vCPU fd and handles to the bus and
+                // guest memory, so leaving it behind frees nothing it uses.
+                log::error!("vCPUs {stuck:?} did not stop; leaving their threads behind");
+                threads.detach();
+            }
+        }
+        if let Some(v) = self.seccomp.violation() {
+            log::error!("VM dropped after {v}, which its seccomp filter forbids");
         }
     }
 }

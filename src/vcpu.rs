@@ -26,6 +26,7 @@ use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
 use crate::bus::MmioBus;
+use crate::seccomp::{self, SeccompError, ThreadFilters, ThreadKind};
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +84,10 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    /// The vCPU thread could not install its seccomp filter, or a thread
+    /// of the VM made a system call its filter forbids.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A vCPU thread panicked (a dormouse bug).
     #[error("the thread of vCPU {index} panicked: please report this as a dormouse bug")]
     ThreadPanicked {
@@ -223,6 +228,11 @@ impl Vcpu {
     ) -> Result<Option<ExitReason>, VcpuError> {
         let index = self.index;
         loop {
+            // A forbidden call (here, or on another thread of this VM)
+            // stops the vCPU.
+            if let Some(v) = seccomp::checkpoint(ThreadKind::Vcpu) {
+                return Err(SeccompError::Violation(v).into());
+            }
             if stop.load(Ordering::Acquire) {
                 // An MMIO read handled just before is only committed to the
                 // guest's registers on the next KVM_RUN: run once with
@@ -289,6 +299,7 @@ pub(crate) struct VcpuThreads {
     stop: Arc<AtomicBool>,
     reports: mpsc::Receiver<VcpuReport>,
     threads: Vec<(u32, JoinHandle<Option<Vcpu>>)>,
+    filters: Arc<ThreadFilters>,
 }
 
 /// How the threads of a VM ended.
@@ -300,25 +311,40 @@ pub(crate) struct Stopped {
 }
 
 impl VcpuThreads {
-    /// Runs each vCPU on a thread of its own. If a thread cannot be
-    /// created, the ones already started are stopped and the error returned
-    /// (the vCPU whose thread failed is lost with it: the VM cannot run on).
-    pub fn spawn(vcpus: Vec<Vcpu>, bus: &Arc<crate::bus::MmioBus>) -> Result<Self, VcpuError> {
+    /// Runs each vCPU on a thread of its own, which installs the vCPU
+    /// filter of `filters` before it enters the guest. If a thread cannot
+    /// be created, the ones already started are stopped and the error
+    /// returned (the vCPU whose thread failed is lost with it: the VM
+    /// cannot run on). A violation noticed on another thread of the VM
+    /// wakes [`wait`](Self::wait) too.
+    pub fn spawn(
+        vcpus: Vec<Vcpu>,
+        bus: &Arc<crate::bus::MmioBus>,
+        filters: &Arc<ThreadFilters>,
+    ) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let (tx, reports) = mpsc::channel();
+        let waker = tx.clone();
+        filters.set_waker(Some(Box::new(move |v| {
+            let _ = waker.send((u32::MAX, Err(SeccompError::Violation(v).into())));
+        })));
         let mut me = Self {
             stop: Arc::new(AtomicBool::new(false)),
             reports,
             threads: Vec::with_capacity(vcpus.len()),
+            filters: filters.clone(),
         };
         for mut vcpu in vcpus {
             let index = vcpu.index();
             let (bus, stop, tx) = (bus.clone(), me.stop.clone(), tx.clone());
+            let filters = filters.clone();
             let spawned = thread::Builder::new()
                 .name(format!("dormouse-vcpu{index}"))
                 .spawn(move || {
-                    let result =
-                        catch_unwind(AssertUnwindSafe(|| vcpu.run_until_stopped(&bus, &stop)));
+                    let result = catch_unwind(AssertUnwindSafe(|| {
+                        let _seccomp = filters.enter(ThreadKind::Vcpu, Some(index))?;
+                        vcpu.run_until_stopped(&bus, &stop)
+                    }));
                     match result {
                         Ok(report) => {
                             let _ = tx.send((index, report));
@@ -361,6 +387,14 @@ impl VcpuThreads {
                 // Every thread ended without a report: all panicked.
                 None => return Some(Err(VcpuError::ThreadPanicked { index: 0 })),
             }
+        }
+    }
+
+    /// Sends every thread the kick without stopping it: each goes round
+    /// its loop once (past its seccomp checkpoint).
+    pub fn kick(&self) {
+        for (_, handle) in &self.threads {
+            let _ = handle.kill(kick_signal());
         }
     }
 
@@ -409,11 +443,13 @@ impl VcpuThreads {
     /// Leaves the threads to end on their own (each owns its vCPU), for a
     /// VM dropped while a vCPU is stuck.
     pub fn detach(self) {
+        self.filters.set_waker(None);
         self.request_stop();
     }
 
     /// Joins every thread (they must have been asked to stop).
     fn join(self) -> Stopped {
+        self.filters.set_waker(None);
         let mut vcpus = Vec::with_capacity(self.threads.len());
         let mut outcome = None;
         for (index, handle) in self.threads {

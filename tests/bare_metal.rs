@@ -24,6 +24,35 @@ fn run(words: &[u32], vcpus: u32) -> (Result<ExitReason, Error>, Console, MicroV
     (result, console, vm)
 }
 
+/// A console sink whose first write never returns.
+struct StuckSink;
+
+impl std::io::Write for StuckSink {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        loop {
+            std::thread::park();
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stuck_console_sink_does_not_stall_the_guest() {
+    let mut vm = MicroVm::builder()
+        .memory_mib(128)
+        .serial_output(StuckSink)
+        .payload(code(payloads::HELLO), DRAM_START)
+        .build()
+        .unwrap();
+    // The guest prints all of its line into the console ring and powers
+    // off, though the sink never takes a byte.
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    assert_eq!(vm.serial_output_dropped(), 0, "the ring held the line");
+    assert_eq!(vm.serial_output_errors(), 0);
+}
+
 #[test]
 fn hello_prints_through_the_uart_and_powers_off() {
     let (result, console, vm) = run(payloads::HELLO, 1);

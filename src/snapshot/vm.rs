@@ -181,6 +181,7 @@ impl MicroVm {
             reuse_saved_paths: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             resume: false,
+            seccomp: crate::seccomp::SeccompPolicy::Default,
         }
     }
 }
@@ -266,6 +267,7 @@ pub struct Restore {
     reuse_saved_paths: bool,
     kvm_device: PathBuf,
     resume: bool,
+    seccomp: crate::seccomp::SeccompPolicy,
 }
 
 impl std::fmt::Debug for Restore {
@@ -277,6 +279,7 @@ impl std::fmt::Debug for Restore {
             .field("vsock_uds", &self.vsock_uds)
             .field("reuse_saved_paths", &self.reuse_saved_paths)
             .field("resume", &self.resume)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -334,6 +337,14 @@ impl Restore {
     /// it is paused).
     pub fn resume(mut self, running: bool) -> Self {
         self.resume = running;
+        self
+    }
+
+    /// Which seccomp filters the restored VM's threads install (default:
+    /// dormouse's own per thread kind); see
+    /// [`MicroVmBuilder::seccomp_policy`](crate::MicroVmBuilder::seccomp_policy).
+    pub fn seccomp_policy(mut self, policy: crate::seccomp::SeccompPolicy) -> Self {
+        self.seccomp = policy;
         self
     }
 
@@ -437,7 +448,7 @@ mod aarch64 {
     use super::Restore;
     use crate::arch::aarch64::layout::{DRAM_START, PAGE_SIZE};
     use crate::arch::aarch64::{regs, ArchError};
-    use crate::build::{assemble, attach_virtio_devices, create_core};
+    use crate::build::{assemble, attach_virtio_devices, create_core, Threads};
     use crate::builder::VirtioConfig;
     use crate::device_manager::{DeviceError, DeviceManager};
     use crate::memory::GuestMemoryMmap;
@@ -646,6 +657,11 @@ mod aarch64 {
         let newest = layers
             .pop()
             .ok_or(Error::Internal("restore of an empty chain"))?;
+        let (threads, output) = Threads::start(
+            &restore.seccomp,
+            restore.serial_output.take(),
+            restore.serial_input.take(),
+        )?;
         let memory = match layers.first() {
             // A chain: the base's memory, each later layer mapped over it.
             Some(base) => {
@@ -669,10 +685,6 @@ mod aarch64 {
         )?;
 
         let mut devices = DeviceManager::new();
-        let output = restore
-            .serial_output
-            .take()
-            .unwrap_or_else(|| Box::new(std::io::sink()));
         devices.attach_serial(&core.vm, output, Some(&state.serial))?;
         if let Some(rtc) = &state.rtc {
             devices.attach_rtc(Some(rtc))?;
@@ -697,8 +709,7 @@ mod aarch64 {
             devices: saved_devices,
             ..state.config
         };
-        let input = restore.serial_input.take();
-        let mut vm = assemble(core, devices, config, input)?;
+        let mut vm = assemble(core, devices, config, threads)?;
         vm.snapshot_id = Some(state.id);
         if restore.resume {
             vm.start()?;
