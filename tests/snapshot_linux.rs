@@ -21,7 +21,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 const SESSION: &str = r#"
 mount -t tmpfs tmpfs /tmp
 echo "note-$(cat /proc/sys/kernel/random/uuid)" > /tmp/note
-(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) &
+(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done) &
 CPID=$!
 echo @@ready=yes
 while read cmd arg; do
