@@ -81,6 +81,9 @@ const DEVICE_IO: &[&str] = &[
     "sendmsg",
     "sendto",
     "shutdown",
+    // Rate limiters' and vsock's wake-up timers.
+    "timerfd_gettime",
+    "timerfd_settime",
     "writev",
 ];
 
