@@ -183,10 +183,20 @@ impl MicroVm {
         self.console.as_ref().map_or(0, ConsoleOutput::dropped)
     }
 
-    /// The error to report for a failure: a seccomp violation, if a thread
-    /// made one, explains the rest.
+    /// The error to report for a failure. A device that failed on the I/O
+    /// thread comes first: what followed may stem from it (a panic message
+    /// with a backtrace reads files, which the I/O filter forbids). Then a
+    /// seccomp violation, which explains the rest.
     fn failure(&self, e: Error) -> Error {
+        if let Some(failure) = self.event_loop.failure() {
+            return Error::DeviceThread(failure);
+        }
         self.seccomp.error().map_or(e, Error::from)
+    }
+
+    /// The failure of a thread noticed at a checkpoint, if there was one.
+    fn noticed_failure(&self) -> Option<Error> {
+        self.seccomp.error().map(|e| self.failure(e.into()))
     }
 
     /// Test hook: asks a thread of `kind` to make a system call its default
@@ -237,9 +247,9 @@ impl MicroVm {
             RunState::Paused => {}
             _ => return Err(self.not_runnable()),
         }
-        if let Some(e) = self.seccomp.error() {
+        if let Some(e) = self.noticed_failure() {
             self.run = RunState::Failed;
-            return Err(e.into());
+            return Err(e);
         }
         self.event_loop.resume();
         match VcpuThreads::spawn(std::mem::take(&mut self.vcpus), &self.bus, &self.seccomp) {
@@ -305,10 +315,11 @@ impl MicroVm {
         let parked = self
             .event_loop
             .pause_within(until.saturating_duration_since(Instant::now()));
-        // A forbidden system call on any thread explains the rest.
-        if let Some(e) = self.seccomp.error() {
+        // A failed device or a forbidden system call on any thread
+        // explains the rest.
+        if let Some(e) = self.noticed_failure() {
             self.run = RunState::Failed;
-            return Err(e.into());
+            return Err(e);
         }
         match (outcome, parked) {
             (Some(Ok(reason)), _) => {
@@ -392,8 +403,8 @@ impl MicroVm {
             self.vcpus = threads.stop().vcpus;
             self.flush_console();
             let reason = outcome.map_err(|e| self.failure(e.into()))?;
-            if let Some(e) = self.seccomp.error() {
-                return Err(e.into());
+            if let Some(e) = self.noticed_failure() {
+                return Err(e);
             }
             self.run = RunState::Stopped(reason);
             return Ok(Some(reason));
