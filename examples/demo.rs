@@ -38,7 +38,7 @@ echo "kernel:  $(uname -sr)"
 echo "cpus:    $(grep -c ^processor /proc/cpuinfo)"
 echo "memory:  $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
 echo "clock:   $(date -u) (from the PL031 RTC)"
-(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) &
+(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done) &
 CPID=$!
 echo "session: process $CPID counts in /tmp/counter"
 echo "@@ready"
