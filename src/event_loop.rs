@@ -441,8 +441,9 @@ fn run(
     }
 }
 
-/// How long dropping a loop waits for its thread before leaving it behind.
-const DROP_GRACE: Duration = Duration::from_secs(5);
+/// How long dropping a loop (or a VM) waits for its threads before leaving
+/// stuck ones behind.
+pub(crate) const DROP_GRACE: Duration = Duration::from_secs(5);
 
 impl Drop for EventLoop {
     fn drop(&mut self) {

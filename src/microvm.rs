@@ -27,7 +27,7 @@ use crate::bus::MmioBus;
 use crate::devices::rtc::RtcDevice;
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::event_loop::{EventLoop, PauseError};
+use crate::event_loop::{EventLoop, PauseError, DROP_GRACE};
 use crate::memory::GuestMemoryMmap;
 use crate::seccomp::{ThreadFilters, ThreadKind};
 use crate::snapshot::SavedConfig;
@@ -53,10 +53,6 @@ pub enum VmState {
 
 /// How long [`MicroVm::pause`] waits for every vCPU and device to stop.
 pub const DEFAULT_PAUSE_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How long dropping a running VM waits for its vCPU threads before it
-/// leaves stuck ones behind.
-const DROP_GRACE: Duration = Duration::from_secs(5);
 
 /// How often `wait` looks at the device I/O thread's health.
 const HEALTH_POLL: Duration = Duration::from_millis(100);

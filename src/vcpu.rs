@@ -390,11 +390,14 @@ impl VcpuThreads {
         }
     }
 
-    /// Sends every thread the kick without stopping it: each goes round
-    /// its loop once (past its seccomp checkpoint).
+    /// Sends every running thread the kick without stopping it: each goes
+    /// round its loop once (past its seccomp checkpoint and its stop flag).
     pub fn kick(&self) {
         for (_, handle) in &self.threads {
-            let _ = handle.kill(kick_signal());
+            if !handle.is_finished() {
+                // ESRCH (thread just ended) is fine: it saw `stop` or ended.
+                let _ = handle.kill(kick_signal());
+            }
         }
     }
 
@@ -432,12 +435,7 @@ impl VcpuThreads {
     /// Sets the stop flag and kicks every thread out of KVM_RUN.
     fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
-        for (_, handle) in &self.threads {
-            if !handle.is_finished() {
-                // ESRCH (thread just ended) is fine: it saw `stop` or ended.
-                let _ = handle.kill(kick_signal());
-            }
-        }
+        self.kick();
     }
 
     /// Leaves the threads to end on their own (each owns its vCPU), for a
