@@ -12,7 +12,21 @@
 //!                                              (pattern seed 0), then closes
 //! guest_vsock flood CID PORT N                 opens up to N connections and
 //!                                              holds them, forever
+//! guest_vsock serve PORT [DIR]                 a session's service: one line in,
+//!                                              one line out, per request
+//! guest_vsock notify CID PORT                  connects once and closes (an
+//!                                              image's readiness signal)
 //! ```
+//!
+//! `serve` answers each request line on a connection (files live in DIR,
+//! default `/mnt`):
+//! - `hit` -> `pid=<pid> count=<n>`: n counts every `hit` this process
+//!   served, so a resumed session continues it;
+//! - `put NAME TEXT` -> `ok`, once NAME holds TEXT and is fsynced;
+//! - `get NAME` -> `text=<contents>` or `missing`;
+//! - `random N` -> `random=<hex>`: N bytes of getrandom(2) (N <= 4096);
+//! - `touch MIB` -> `touched=<MIB>`: allocates and writes MIB MiB, kept;
+//! - anything else -> `error unknown request`.
 //! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched;
 //! `write` prints `@@vsock_written=<bytes>` once it closed the connection;
 //! `flood` prints `@@flood=<connected> <refused> <other errors>` once it
@@ -93,6 +107,122 @@ fn echo_server(port: u32) -> io::Result<()> {
                             return;
                         }
                     }
+                }
+            }
+        });
+    }
+}
+
+/// A bound and listening vsock socket on `port`, any CID.
+fn listen(port: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let fd = vsock_socket()?;
+    let addr = address(libc::VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes for the call.
+    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), ADDR_LEN) })?;
+    // SAFETY: listen(2) takes no pointers.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 64) })?;
+    Ok(fd)
+}
+
+/// The session service behind `serve`: its state is this process's memory
+/// (the counter, the touched buffers) and the files under `dir`.
+struct Service {
+    dir: std::path::PathBuf,
+    hits: std::sync::atomic::AtomicU64,
+    kept: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Service {
+    fn answer(&self, line: &str) -> String {
+        let mut words = line.splitn(3, ' ');
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        };
+        match (words.next(), words.next(), words.next()) {
+            (Some("hit"), None, None) => {
+                let n = self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                format!("pid={} count={n}", std::process::id())
+            }
+            (Some("put"), Some(name), text) if name_ok(name) => {
+                let path = self.dir.join(name);
+                let result = std::fs::File::create(&path).and_then(|mut f| {
+                    f.write_all(text.unwrap_or("").as_bytes())?;
+                    f.sync_all()
+                });
+                match result {
+                    Ok(()) => "ok".into(),
+                    Err(e) => format!("error {e}"),
+                }
+            }
+            (Some("get"), Some(name), None) if name_ok(name) => {
+                match std::fs::read_to_string(self.dir.join(name)) {
+                    Ok(text) => format!("text={text}"),
+                    Err(_) => "missing".into(),
+                }
+            }
+            (Some("random"), Some(n), None) => match n.parse::<usize>() {
+                Ok(n) if n <= 4096 => {
+                    let mut buf = vec![0u8; n];
+                    // SAFETY: `buf` is valid for writes of `n` bytes.
+                    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), n, 0) };
+                    if usize::try_from(got).ok() != Some(n) {
+                        return "error getrandom".into();
+                    }
+                    let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+                    format!("random={hex}")
+                }
+                _ => "error bad size".into(),
+            },
+            (Some("touch"), Some(mib), None) => match mib.parse::<usize>() {
+                Ok(mib) if mib <= 4096 => {
+                    let buf: Vec<u8> = (0..mib << 20).map(|i| (i >> 12) as u8 | 1).collect();
+                    self.kept.lock().map(|mut k| k.push(buf)).ok();
+                    format!("touched={mib}")
+                }
+                _ => "error bad size".into(),
+            },
+            _ => "error unknown request".into(),
+        }
+    }
+}
+
+fn serve(port: u32, dir: &str) -> io::Result<()> {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let listener = listen(port)?;
+    let service = std::sync::Arc::new(Service {
+        dir: dir.into(),
+        hits: Default::default(),
+        kept: Default::default(),
+    });
+    println!("@@serving={port} pid={}", std::process::id());
+    loop {
+        // SAFETY: null address arguments are allowed by accept(2).
+        let conn = unsafe {
+            libc::accept(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        if conn < 0 {
+            continue;
+        }
+        // SAFETY: `conn` is a fresh descriptor that nothing else owns.
+        let stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
+        let service = service.clone();
+        thread::spawn(move || {
+            let Ok(mut out) = stream.try_clone() else {
+                return;
+            };
+            for line in io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                let reply = service.answer(line.trim_end());
+                if writeln!(out, "{reply}").is_err() {
+                    return;
                 }
             }
         });
@@ -181,6 +311,12 @@ fn main() -> ExitCode {
     let port = u32::try_from(num(1, 0)).unwrap_or(0);
     let result = match args.first().map(String::as_str) {
         Some("echo-server") => echo_server(port),
+        Some("serve") => serve(port, args.get(2).map_or("/mnt", String::as_str)),
+        Some("notify") => {
+            let cid = u32::try_from(num(1, 2)).unwrap_or(2);
+            let port = u32::try_from(num(2, 0)).unwrap_or(0);
+            connect(cid, port).map(drop)
+        }
         Some("send") => {
             let cid = u32::try_from(num(1, 2)).unwrap_or(2);
             let port = u32::try_from(num(2, 0)).unwrap_or(0);
@@ -197,7 +333,7 @@ fn main() -> ExitCode {
         }
         _ => Err(io::Error::other(
             "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL] \
-             | write CID PORT BYTES | flood CID PORT N",
+             | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR] | notify CID PORT",
         )),
     };
     match result {

@@ -62,6 +62,7 @@ pub mod memory;
 mod microvm;
 pub mod rate_limiter;
 pub mod seccomp;
+pub mod session;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -739,6 +739,108 @@ pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
     })
 }
 
+/// Compacts consecutive diff snapshots (oldest first, each taken on top of
+/// the one before) into one diff at `out`: relative to the first one's
+/// parent, holding every page any of them holds (the newest copy of each),
+/// with the newest layer's state and id, so diffs taken on top of the
+/// newest still apply. It costs the bytes the diffs hold, not the guest's
+/// memory size: this is how a session keeps its chain short on top of a
+/// shared base.
+pub fn merge_diffs(diffs: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+
+    let mut layers = Vec::with_capacity(diffs.len());
+    for dir in diffs {
+        let state = read_state(dir)?;
+        if state.parent.is_none() || state.diff.is_none() {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} is a full snapshot: merge_diffs takes diffs only",
+                dir.display()
+            )));
+        }
+        if let Some(previous) = layers.last() {
+            let previous: &Layer = previous;
+            if state.parent != Some(previous.state.id) {
+                return Err(SnapshotError::ChainGap {
+                    path: dir.clone(),
+                    parent: state.parent.unwrap_or(previous.state.id),
+                    previous: previous.state.id,
+                });
+            }
+            if state.memory != previous.state.memory {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "{} has another memory layout than the layer before it",
+                    dir.display()
+                )));
+            }
+        }
+        let (memory, _) = open_memory(dir, &state)?;
+        layers.push(Layer {
+            dir: dir.clone(),
+            state,
+            memory,
+        });
+    }
+    let (Some(first), Some(newest)) = (layers.first(), layers.last()) else {
+        return Err(SnapshotError::Inconsistent("an empty chain".into()));
+    };
+    let regions = newest.state.memory.len();
+    let mut union: Vec<Vec<(u64, u64)>> = vec![Vec::new(); regions];
+    for layer in &layers {
+        for (i, runs) in layer.state.diff.iter().flatten().enumerate().take(regions) {
+            union[i].extend_from_slice(runs);
+        }
+    }
+    for runs in &mut union {
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for &(first, count) in runs.iter() {
+            match merged.last_mut() {
+                Some((start, len)) if first <= *start + *len => {
+                    *len = (*len).max(first + count - *start);
+                }
+                _ => merged.push((first, count)),
+            }
+        }
+        *runs = merged;
+    }
+    let state = VmState {
+        parent: first.state.parent,
+        diff: Some(union),
+        ..newest.state.clone()
+    };
+    let bytes = format::encode(&state)?;
+    let len = state
+        .memory
+        .iter()
+        .map(|r| r.file_offset.saturating_add(r.size))
+        .max()
+        .unwrap_or(0);
+    write_dir(out, &bytes, |file| {
+        file.set_len(len)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let page = crate::arch::aarch64::layout::PAGE_SIZE;
+        for layer in &layers {
+            let runs = layer.state.diff.as_deref().unwrap_or_default();
+            for (region, region_runs) in layer.state.memory.iter().zip(runs) {
+                for &(first, count) in region_runs {
+                    let mut offset = region.file_offset + first * page;
+                    let end = offset + count * page;
+                    while offset < end {
+                        let n = usize::try_from(end - offset)
+                            .unwrap_or(usize::MAX)
+                            .min(buf.len());
+                        layer.memory.read_exact_at(&mut buf[..n], offset)?;
+                        file.write_all_at(&buf[..n], offset)?;
+                        offset += n as u64;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
