@@ -12,8 +12,10 @@
 //!                                              (pattern seed 0), then closes
 //! guest_vsock flood CID PORT N                 opens up to N connections and
 //!                                              holds them, forever
-//! guest_vsock serve PORT [DIR]                 a session's service: one line in,
-//!                                              one line out, per request
+//! guest_vsock serve PORT [DIR [READY_PORT]]    a session's service: one line in,
+//!                                              one line out, per request; once
+//!                                              listening, connects to host
+//!                                              READY_PORT (an image's readiness)
 //! guest_vsock notify CID PORT                  connects once and closes (an
 //!                                              image's readiness signal)
 //! ```
@@ -189,7 +191,7 @@ impl Service {
     }
 }
 
-fn serve(port: u32, dir: &str) -> io::Result<()> {
+fn serve(port: u32, dir: &str, ready_port: Option<u32>) -> io::Result<()> {
     use std::io::BufRead;
     use std::os::fd::AsRawFd;
     let listener = listen(port)?;
@@ -199,6 +201,9 @@ fn serve(port: u32, dir: &str) -> io::Result<()> {
         kept: Default::default(),
     });
     println!("@@serving={port} pid={}", std::process::id());
+    if let Some(ready) = ready_port {
+        drop(connect(libc::VMADDR_CID_HOST, ready)?);
+    }
     loop {
         // SAFETY: null address arguments are allowed by accept(2).
         let conn = unsafe {
@@ -311,7 +316,11 @@ fn main() -> ExitCode {
     let port = u32::try_from(num(1, 0)).unwrap_or(0);
     let result = match args.first().map(String::as_str) {
         Some("echo-server") => echo_server(port),
-        Some("serve") => serve(port, args.get(2).map_or("/mnt", String::as_str)),
+        Some("serve") => serve(
+            port,
+            args.get(2).map_or("/mnt", String::as_str),
+            args.get(3).and_then(|p| p.parse().ok()),
+        ),
         Some("notify") => {
             let cid = u32::try_from(num(1, 2)).unwrap_or(2);
             let port = u32::try_from(num(2, 0)).unwrap_or(0);
@@ -333,7 +342,7 @@ fn main() -> ExitCode {
         }
         _ => Err(io::Error::other(
             "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL] \
-             | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR] | notify CID PORT",
+             | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT]] | notify CID PORT",
         )),
     };
     match result {

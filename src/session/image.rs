@@ -439,3 +439,113 @@ fn wait_ready(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("dormouse-image-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    fn manifest(disks: Vec<ImageDisk>) -> ImageManifest {
+        ImageManifest {
+            format: IMAGE_FORMAT,
+            created_unix_ms: 1,
+            snapshot_id: "00".repeat(16),
+            memory_mib: 128,
+            vcpus: 1,
+            guest_cid: 3,
+            disks,
+        }
+    }
+
+    fn write(dir: &Path, m: &ImageManifest) {
+        std::fs::write(dir.join(IMAGE_MANIFEST), serde_json::to_vec(m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn every_broken_image_gets_its_own_error() {
+        let d = scratch("broken");
+        let dir = &d.0;
+        assert!(matches!(
+            Image::open(dir.join("nope")),
+            Err(SessionError::ImageIncomplete { .. })
+        ));
+        assert!(
+            matches!(Image::open(dir), Err(SessionError::ImageIncomplete { what, .. }) if what == IMAGE_MANIFEST)
+        );
+        std::fs::write(dir.join(IMAGE_MANIFEST), b"{\"format\": 1,").unwrap();
+        assert!(matches!(
+            Image::open(dir),
+            Err(SessionError::ImageCorrupt { .. })
+        ));
+        std::fs::remove_file(dir.join(IMAGE_MANIFEST)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join(IMAGE_MANIFEST)).unwrap();
+        assert!(
+            matches!(Image::open(dir), Err(SessionError::ImageCorrupt { reason, .. }) if reason.contains("symbolic link"))
+        );
+        std::fs::remove_file(dir.join(IMAGE_MANIFEST)).unwrap();
+
+        let mut future = manifest(Vec::new());
+        future.format = IMAGE_FORMAT + 1;
+        write(dir, &future);
+        assert!(matches!(
+            Image::open(dir),
+            Err(SessionError::ImageVersion { found, .. }) if found == IMAGE_FORMAT + 1
+        ));
+
+        let disk = |file: &str, size| ImageDisk {
+            file: file.into(),
+            size,
+        };
+        write(dir, &manifest(vec![disk("../escape.img", 4096)]));
+        assert!(matches!(
+            Image::open(dir),
+            Err(SessionError::ImageCorrupt { .. })
+        ));
+        write(dir, &manifest(vec![disk("disk0.img", 4096)]));
+        assert!(matches!(
+            Image::open(dir),
+            Err(SessionError::ImageDiskMissing { index: 0, .. })
+        ));
+        std::fs::write(dir.join("disk0.img"), vec![0u8; 512]).unwrap();
+        assert!(
+            matches!(Image::open(dir), Err(SessionError::ImageCorrupt { reason, .. }) if reason.contains("512 bytes"))
+        );
+        std::fs::write(dir.join("disk0.img"), vec![0u8; 4096]).unwrap();
+        assert!(matches!(
+            Image::open(dir),
+            Err(SessionError::ImageIncomplete { what, .. }) if what.contains(IMAGE_SNAPSHOT)
+        ));
+        std::fs::create_dir(dir.join(IMAGE_SNAPSHOT)).unwrap();
+        std::fs::write(dir.join(IMAGE_SNAPSHOT).join("state"), b"not a state file").unwrap();
+        assert!(matches!(
+            Image::open(dir),
+            Err(SessionError::ImageCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn create_refuses_an_existing_directory() {
+        let d = scratch("exists");
+        assert!(matches!(
+            Image::create(&d.0, &ImageSpec::new("/nonexistent/Image")),
+            Err(SessionError::ImageExists(_))
+        ));
+        // A failed create leaves nothing behind.
+        let fresh = d.0.join("new");
+        assert!(Image::create(&fresh, &ImageSpec::new("/nonexistent/Image")).is_err());
+        assert!(!fresh.exists());
+    }
+}

@@ -53,6 +53,36 @@ pub use session::{
     SESSION_RECORD,
 };
 
+/// Points in a suspend where [`test_hook_crash_during_suspend`] kills the
+/// process, to test that a crash anywhere leaves the last complete
+/// snapshot resumable.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CrashPoint {
+    /// The diff's state and memory are written, the disk layer is not
+    /// frozen, the record does not name it.
+    AfterMemory = 1,
+    /// Everything is written but the record (the commit point).
+    BeforeCommit = 2,
+}
+
+static CRASH_AT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Test hook: the next suspend that reaches `point` SIGKILLs this process.
+#[doc(hidden)]
+pub fn test_hook_crash_during_suspend(point: CrashPoint) {
+    CRASH_AT.store(point as u8, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn crash_point(point: CrashPoint) {
+    if CRASH_AT.load(std::sync::atomic::Ordering::SeqCst) == point as u8 {
+        // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught, so no
+        // handler of ours runs.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
 /// Everything that can go wrong with images and sessions.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {

@@ -332,3 +332,37 @@ fn manage(root: Weak<RootInner>) {
         std::thread::sleep(tick);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_at_a_time_and_broken_sessions_are_left_alone() {
+        let dir = std::env::temp_dir().join(format!("dormouse-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = SessionRoot::open(&dir).unwrap();
+        match SessionRoot::open(&dir) {
+            Err(SessionError::RootLocked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("expected RootLocked, got {other:?}"),
+        }
+        drop(root);
+        // A corrupt record and a launch that never wrote one.
+        let bad = dir.join(SESSIONS_DIR).join("0123456789abcdef");
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::write(bad.join(SESSION_RECORD), b"{}").unwrap();
+        let unfinished = dir.join(SESSIONS_DIR).join("fedcba9876543210");
+        std::fs::create_dir_all(&unfinished).unwrap();
+        let root = SessionRoot::open(&dir).unwrap();
+        assert!(root.sessions().is_empty());
+        assert_eq!(root.skipped().len(), 1);
+        assert_eq!(root.skipped()[0].0, bad);
+        assert!(
+            bad.join(SESSION_RECORD).exists(),
+            "a broken session's files are kept"
+        );
+        assert!(!unfinished.exists());
+        drop(root);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

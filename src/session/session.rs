@@ -680,10 +680,23 @@ impl Inner {
             started.elapsed()
         };
         slot.record.next_layer += 1;
-        for i in 0..self.image.manifest().disks.len() {
-            super::vmm::freeze(&self.top(i), &self.layer_files(&name, i))?;
+        // From here the VM is gone: whatever fails, the session is
+        // suspended at its last committed layer.
+        slot.state = SessionState::Suspended;
+        super::crash_point(super::CrashPoint::AfterMemory);
+        let frozen = (0..self.image.manifest().disks.len())
+            .try_for_each(|i| super::vmm::freeze(&self.top(i), &self.layer_files(&name, i)))
+            .and_then(|()| files::sync_dir(&layer));
+        if let Err(e) = frozen {
+            log::error!(
+                "session {}: suspend failed after its VM stopped ({e}); it resumes from its \
+                 last complete snapshot, losing what it did since",
+                self.id
+            );
+            let _ = std::fs::remove_dir_all(&layer);
+            return Err(e);
         }
-        files::sync_dir(&layer)?;
+        super::crash_point(super::CrashPoint::BeforeCommit);
         slot.record.chain.push(name);
         slot.record.suspends += 1;
         slot.record.suspended_unix_ms = Some(files::unix_ms(SystemTime::now()));
@@ -702,18 +715,26 @@ impl Inner {
     }
 
     fn terminate(&self, why: &str) -> Result<(), SessionError> {
-        self.stop.store(true, Ordering::Release);
-        {
+        // Stopping first: a connection waiting for the slot gets an error
+        // instead of resuming the session.
+        if self.stop.swap(true, Ordering::AcqRel) && self.lock().state == SessionState::Terminated {
+            return Ok(());
+        }
+        let vm = {
             let mut slot = self.lock();
             if slot.state == SessionState::Terminated {
                 return Ok(());
             }
-            slot.vm = None;
-            slot.state = SessionState::Terminated;
-        }
+            slot.vm.take()
+        };
+        drop(vm);
         self.stop_threads();
+        let removed = std::fs::remove_dir_all(&self.dir).map_err(files::io("remove", &self.dir));
+        // Published last: whoever sees Terminated finds the files and the
+        // endpoints gone.
+        self.lock().state = SessionState::Terminated;
         log::info!("session {}: terminated ({why})", self.id);
-        std::fs::remove_dir_all(&self.dir).map_err(files::io("remove", &self.dir))
+        removed
     }
 
     fn stop_threads(&self) {
@@ -788,6 +809,9 @@ impl Inner {
 impl Forward for Inner {
     fn guest_stream(&self, port: u32) -> Result<(UnixStream, bool), SessionError> {
         let mut slot = self.lock();
+        if self.stopping() {
+            return Err(SessionError::Terminated(self.id.clone()));
+        }
         let resumed = match slot.state {
             SessionState::Terminated => return Err(SessionError::Terminated(self.id.clone())),
             SessionState::Suspended => {

@@ -6,6 +6,7 @@
 pub mod initramfs;
 pub mod marker;
 pub mod payloads;
+pub mod session;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
