@@ -27,7 +27,8 @@
 //! - `put NAME TEXT` -> `ok`, once NAME holds TEXT and is fsynced;
 //! - `get NAME` -> `text=<contents>` or `missing`;
 //! - `random N` -> `random=<hex>`: N bytes of getrandom(2) (N <= 4096);
-//! - `touch MIB` -> `touched=<MIB>`: allocates and writes MIB MiB, kept;
+//! - `touch MIB` -> `touched=<MIB>`: (re)sizes one buffer to MIB MiB and
+//!   writes every page of it (the same pages each time: MIB MiB dirtied);
 //! - anything else -> `error unknown request`.
 //! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched;
 //! `write` prints `@@vsock_written=<bytes>` once it closed the connection;
@@ -132,7 +133,8 @@ fn listen(port: u32) -> io::Result<OwnedFd> {
 struct Service {
     dir: std::path::PathBuf,
     hits: std::sync::atomic::AtomicU64,
-    kept: std::sync::Mutex<Vec<Vec<u8>>>,
+    rounds: std::sync::atomic::AtomicU64,
+    scratch: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Service {
@@ -180,8 +182,16 @@ impl Service {
             },
             (Some("touch"), Some(mib), None) => match mib.parse::<usize>() {
                 Ok(mib) if mib <= 4096 => {
-                    let buf: Vec<u8> = (0..mib << 20).map(|i| (i >> 12) as u8 | 1).collect();
-                    self.kept.lock().map(|mut k| k.push(buf)).ok();
+                    let Ok(mut scratch) = self.scratch.lock() else {
+                        return "error poisoned".into();
+                    };
+                    let round = self
+                        .rounds
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    scratch.resize(mib << 20, 0);
+                    for page in scratch.chunks_mut(4096) {
+                        page[0] = page[0].wrapping_add(1) | (round as u8 & 1);
+                    }
                     format!("touched={mib}")
                 }
                 _ => "error bad size".into(),
@@ -198,7 +208,8 @@ fn serve(port: u32, dir: &str, ready_port: Option<u32>) -> io::Result<()> {
     let service = std::sync::Arc::new(Service {
         dir: dir.into(),
         hits: Default::default(),
-        kept: Default::default(),
+        rounds: Default::default(),
+        scratch: Default::default(),
     });
     println!("@@serving={port} pid={}", std::process::id());
     if let Some(ready) = ready_port {

@@ -23,6 +23,10 @@
 //!
 //! # What is inside
 //!
+//! - [`session`]: the product on top of the VMM. [`session::Image`]s (a guest
+//!   booted once and snapshotted), sessions launched from them by restore,
+//!   host endpoints that outlive the VM, idle suspend to disk and resume on
+//!   the next request, a session root that survives a host restart.
 //! - [`MicroVmBuilder`]: plain configuration (memory, vCPUs, boot payload,
 //!   console sink), validated before any KVM resource exists.
 //! - [`MicroVm`]: the VM, its vCPU threads ([`vcpu`]), guest memory

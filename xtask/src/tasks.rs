@@ -330,6 +330,8 @@ pub fn bench(args: &[String]) -> Result<i32> {
     }
     let rig = setup::setup()?;
     cross::check_debian_toolchain()?;
+    // benches/session.rs puts the tool in its guests.
+    build_guest_tools(&rig)?;
     let artifacts = cross::build(Build::Benches)?;
     if artifacts.is_empty() {
         bail!(
@@ -391,6 +393,8 @@ pub fn demo(args: &[String]) -> Result<i32> {
         return run_native(cmd);
     }
     cross::check_debian_toolchain()?;
+    // The demo's guest service is the tool.
+    build_guest_tools(&rig)?;
     let artifacts = cross::build(Build::Example(EXAMPLE))?;
     let [artifact] = artifacts.as_slice() else {
         bail!(
