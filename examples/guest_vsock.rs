@@ -30,6 +30,7 @@
 //! - `touch MIB` -> `touched=<MIB>`: (re)sizes one buffer to MIB MiB and
 //!   writes every page of it (the same pages each time: MIB MiB dirtied);
 //! - anything else -> `error unknown request`.
+//!
 //! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched;
 //! `write` prints `@@vsock_written=<bytes>` once it closed the connection;
 //! `flood` prints `@@flood=<connected> <refused> <other errors>` once it
@@ -133,7 +134,6 @@ fn listen(port: u32) -> io::Result<OwnedFd> {
 struct Service {
     dir: std::path::PathBuf,
     hits: std::sync::atomic::AtomicU64,
-    rounds: std::sync::atomic::AtomicU64,
     scratch: std::sync::Mutex<Vec<u8>>,
 }
 
@@ -185,12 +185,9 @@ impl Service {
                     let Ok(mut scratch) = self.scratch.lock() else {
                         return "error poisoned".into();
                     };
-                    let round = self
-                        .rounds
-                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     scratch.resize(mib << 20, 0);
                     for page in scratch.chunks_mut(4096) {
-                        page[0] = page[0].wrapping_add(1) | (round as u8 & 1);
+                        page[0] = page[0].wrapping_add(1);
                     }
                     format!("touched={mib}")
                 }
@@ -208,7 +205,6 @@ fn serve(port: u32, dir: &str, ready_port: Option<u32>) -> io::Result<()> {
     let service = std::sync::Arc::new(Service {
         dir: dir.into(),
         hits: Default::default(),
-        rounds: Default::default(),
         scratch: Default::default(),
     });
     println!("@@serving={port} pid={}", std::process::id());

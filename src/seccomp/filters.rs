@@ -103,6 +103,8 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<&'static str> {
         ThreadKind::DeviceIo => DEVICE_IO,
         ThreadKind::ConsoleInput => CONSOLE_INPUT,
         ThreadKind::ConsoleOutput => CONSOLE_OUTPUT,
+        // A deny list: everything but SESSION_DENIED.
+        ThreadKind::Session => return Vec::new(),
     };
     let mut all: Vec<&'static str> = COMMON.iter().chain(own).copied().collect();
     all.sort_unstable();
@@ -124,10 +126,63 @@ pub fn restricted_syscalls(kind: ThreadKind) -> Vec<(&'static str, &'static str)
             out.push(("socket", "AF_UNIX"));
             out.push(("fcntl", "F_GETFD, F_SETFD, F_GETFL, F_SETFL"));
         }
-        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput => {}
+        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput | ThreadKind::Session => {}
     }
     out
 }
+
+/// What session threads (endpoint accept and forwarding, the session
+/// root's manager, chain merges) may not do. They run VMM setup code
+/// (restores and snapshots open files, map memory, create KVM VMs, start
+/// the VM's own threads, which then install their own filters), so their
+/// filter is a deny list rather than an allow list: what dormouse never
+/// needs and whoever took over such a thread would want (running programs,
+/// other processes' memory, the kernel's modules, mounts, namespaces,
+/// keys, the clock, the machine), plus `mmap`/`mprotect` with `PROT_EXEC`.
+pub const SESSION_DENIED: &[&str] = &[
+    "acct",
+    "add_key",
+    "adjtimex",
+    "bpf",
+    "chroot",
+    "clock_adjtime",
+    "clock_settime",
+    "delete_module",
+    "execve",
+    "execveat",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "init_module",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "mknodat",
+    "mount",
+    "move_mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "personality",
+    "pidfd_getfd",
+    "pivot_root",
+    "process_madvise",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "umount2",
+    "unshare",
+];
 
 fn number(name: &'static str) -> Result<i64, SeccompError> {
     syscalls::AARCH64
@@ -162,6 +217,21 @@ fn as_u64(v: libc::c_int) -> u64 {
     u64::from(v.unsigned_abs())
 }
 
+/// The session deny list's rules: a match traps.
+fn session_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let mut rules = BTreeMap::new();
+    for name in SESSION_DENIED {
+        rules.insert(number(name)?, Vec::new());
+    }
+    let prot_exec = u64::from(libc::PROT_EXEC.unsigned_abs());
+    for name in ["mmap", "mprotect"] {
+        let rule = SeccompRule::new(vec![cond(2, SeccompCmpOp::MaskedEq(prot_exec), prot_exec)?])
+            .map_err(SeccompError::Compile)?;
+        rules.insert(number(name)?, vec![rule]);
+    }
+    Ok(rules)
+}
+
 /// The rules of `kind`'s default filter, by system call number.
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules = BTreeMap::new();
@@ -183,7 +253,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
             let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL];
             rules.insert(number("fcntl")?, any_of(1, &fcntl.map(as_u64))?);
         }
-        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput => {}
+        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput | ThreadKind::Session => {}
     }
     Ok(rules)
 }
@@ -192,6 +262,16 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
 /// [`allowed_syscalls`] and [`restricted_syscalls`] list and traps
 /// everything else.
 pub fn default_filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    if kind == ThreadKind::Session {
+        let filter = SeccompFilter::new(
+            session_rules()?,
+            SeccompAction::Allow,
+            SeccompAction::Trap,
+            TargetArch::aarch64,
+        )
+        .map_err(SeccompError::Compile)?;
+        return BpfProgram::try_from(filter).map_err(SeccompError::Compile);
+    }
     let filter = SeccompFilter::new(
         rules(kind)?,
         SeccompAction::Trap,

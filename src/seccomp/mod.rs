@@ -34,7 +34,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-pub use filters::{allowed_syscalls, default_filter, restricted_syscalls};
+pub use filters::{allowed_syscalls, default_filter, restricted_syscalls, SESSION_DENIED};
 use libc::{c_int, c_void, siginfo_t};
 pub use seccompiler::BpfProgram;
 
@@ -49,6 +49,11 @@ pub enum ThreadKind {
     ConsoleInput,
     /// The console output thread (`dormouse-console-out`).
     ConsoleOutput,
+    /// A session thread (`dormouse-accept`, `dormouse-endpoint`,
+    /// `dormouse-sessions`, `dormouse-merge`): not a VM's, so not in
+    /// [`ThreadKind::ALL`]; its filter is a deny list
+    /// ([`SESSION_DENIED`](filters::SESSION_DENIED)).
+    Session,
 }
 
 impl ThreadKind {
@@ -66,11 +71,15 @@ impl ThreadKind {
             ThreadKind::DeviceIo => 2,
             ThreadKind::ConsoleInput => 3,
             ThreadKind::ConsoleOutput => 4,
+            ThreadKind::Session => 5,
         }
     }
 
     fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.code() == code)
+        Self::ALL
+            .into_iter()
+            .chain([ThreadKind::Session])
+            .find(|k| k.code() == code)
     }
 }
 
@@ -81,6 +90,7 @@ impl std::fmt::Display for ThreadKind {
             ThreadKind::DeviceIo => "device I/O",
             ThreadKind::ConsoleInput => "console input",
             ThreadKind::ConsoleOutput => "console output",
+            ThreadKind::Session => "session",
         })
     }
 }
@@ -438,6 +448,25 @@ impl ThreadFilters {
         })
     }
 
+    /// The filters of a session root's threads: the [`ThreadKind::Session`]
+    /// deny list (on aarch64 hosts, whose system call numbers it uses), or
+    /// none if `enabled` is false.
+    pub fn for_sessions(enabled: bool) -> Result<Self, SeccompError> {
+        let mut programs = BTreeMap::new();
+        if enabled && cfg!(target_arch = "aarch64") {
+            programs.insert(
+                ThreadKind::Session,
+                Arc::new(default_filter(ThreadKind::Session)?),
+            );
+            install_handler()?;
+        }
+        Ok(Self {
+            programs,
+            slot: Arc::new(Slot::default()),
+            waker: Mutex::new(None),
+        })
+    }
+
     /// No filters (for tests of the threads themselves).
     #[cfg(test)]
     pub fn disabled() -> Arc<Self> {
@@ -588,6 +617,8 @@ where
 /// filter allows `socket` for `AF_UNIX` only). Returns its errno.
 fn forbidden_call(kind: ThreadKind) -> i32 {
     let ret = match kind {
+        // SAFETY: unshare(0) takes no pointers and changes nothing.
+        ThreadKind::Session => unsafe { libc::unshare(0) },
         ThreadKind::DeviceIo => {
             // SAFETY: socket() takes no pointers; a descriptor it returns
             // is closed at once.

@@ -23,6 +23,22 @@ fn every_default_filter_compiles_for_aarch64_within_the_kernel_limit() {
 }
 
 #[test]
+fn the_session_filter_is_a_deny_list_that_compiles() {
+    let program = default_filter(ThreadKind::Session).unwrap();
+    assert!(program.len() > SESSION_DENIED.len());
+    assert!(program.len() <= BPF_MAXINSNS);
+    for denied in ["execve", "ptrace", "init_module", "mount", "unshare"] {
+        assert!(SESSION_DENIED.contains(&denied), "{denied}");
+    }
+    eprintln!(
+        "@@seccomp session: {} BPF instructions; denies {:?} and {:?}",
+        program.len(),
+        SESSION_DENIED,
+        restricted_syscalls(ThreadKind::Session)
+    );
+}
+
+#[test]
 fn the_filters_differ_by_thread() {
     let vcpu = allowed_syscalls(ThreadKind::Vcpu);
     let io = allowed_syscalls(ThreadKind::DeviceIo);

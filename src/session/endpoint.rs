@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{files, SessionError};
+use crate::seccomp::{ThreadFilters, ThreadKind};
 
 /// Where clients reach a session, and the guest vsock port they reach.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -244,6 +245,7 @@ pub(super) fn serve(
     guest_port: u32,
     session: Arc<dyn Forward>,
     stop: Arc<AtomicBool>,
+    filters: Arc<ThreadFilters>,
 ) {
     while !stop.load(Ordering::Acquire) && !session.stopping() {
         if !poll_in(&[listener.as_fd()], 100)
@@ -271,9 +273,8 @@ pub(super) fn serve(
         };
         let session = session.clone();
         session.connection(true);
-        let spawned = std::thread::Builder::new()
-            .name("dormouse-endpoint".into())
-            .spawn({
+        let spawned =
+            crate::seccomp::spawn_thread("dormouse-endpoint", ThreadKind::Session, &filters, {
                 let session = session.clone();
                 move || {
                     forward(client, guest_port, &*session);

@@ -191,6 +191,8 @@ pub struct ImageManifest {
 pub struct Image {
     dir: PathBuf,
     manifest: ImageManifest,
+    /// Whether its snapshot has a vsock device (endpoints need one).
+    vsock: bool,
 }
 
 impl Image {
@@ -293,7 +295,11 @@ impl Image {
             disks,
         };
         files::write_record(&dir.join(IMAGE_MANIFEST), &manifest)?;
-        Ok(Image { dir, manifest })
+        Ok(Image {
+            dir,
+            manifest,
+            vsock: true,
+        })
     }
 
     /// Opens an image directory and checks it is complete: its manifest,
@@ -376,7 +382,28 @@ impl Image {
                 "its snapshot is a diff, an image needs a full one".into(),
             ));
         }
-        Ok(Image { dir, manifest })
+        let disks = state
+            .config
+            .devices
+            .iter()
+            .filter(|d| matches!(d, crate::snapshot::SavedDevice::Block { .. }))
+            .count();
+        if disks != manifest.disks.len() {
+            return Err(corrupt(format!(
+                "its snapshot has {disks} disks, the manifest names {}",
+                manifest.disks.len()
+            )));
+        }
+        let vsock = state
+            .config
+            .devices
+            .iter()
+            .any(|d| matches!(d, crate::snapshot::SavedDevice::Vsock { .. }));
+        Ok(Image {
+            dir,
+            manifest,
+            vsock,
+        })
     }
 
     /// The image directory (absolute).
@@ -392,6 +419,12 @@ impl Image {
     /// The snapshot directory.
     pub fn snapshot_dir(&self) -> PathBuf {
         self.dir.join(IMAGE_SNAPSHOT)
+    }
+
+    /// Whether sessions of this image can have endpoints: its guest has a
+    /// vsock device.
+    pub fn has_vsock(&self) -> bool {
+        self.vsock
     }
 
     /// The `index`-th disk's base file.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::image::Image;
 use super::session::{Session, SessionConfig, SessionRecord, SessionState, SESSION_RECORD};
 use super::{files, SessionError};
+use crate::seccomp::{ThreadFilters, ThreadKind, Violation};
 
 /// How often the manager looks at every session by default.
 pub const DEFAULT_TICK: Duration = Duration::from_millis(100);
@@ -41,6 +42,11 @@ pub struct RootOptions {
     pub merge_after: usize,
     /// The KVM device node (default `/dev/kvm`).
     pub kvm_device: Option<PathBuf>,
+    /// Whether the root's threads (endpoints, the manager, merges) run
+    /// under their seccomp filter
+    /// ([`SESSION_DENIED`](crate::seccomp::SESSION_DENIED); default: yes).
+    /// Each VM's own threads have their VM's filters either way.
+    pub seccomp: bool,
 }
 
 impl Default for RootOptions {
@@ -49,6 +55,7 @@ impl Default for RootOptions {
             tick: DEFAULT_TICK,
             merge_after: DEFAULT_MERGE_AFTER,
             kvm_device: None,
+            seccomp: true,
         }
     }
 }
@@ -61,6 +68,7 @@ struct RootInner {
     skipped: Vec<(PathBuf, String)>,
     stop: AtomicBool,
     manager: Mutex<Option<JoinHandle<()>>>,
+    filters: Arc<ThreadFilters>,
 }
 
 /// A directory of sessions and the thread that manages them. Opening it
@@ -118,6 +126,10 @@ impl SessionRoot {
         files::private_dir(&dir.join(SESSIONS_DIR))?;
         let dir = std::fs::canonicalize(dir).map_err(files::io("resolve", dir))?;
         let lock = take_lock(&dir)?;
+        let filters = Arc::new(
+            ThreadFilters::for_sessions(options.seccomp)
+                .map_err(|e| SessionError::Vm(crate::Error::Seccomp(e)))?,
+        );
         let mut sessions = HashMap::new();
         let mut skipped = Vec::new();
         let entries = std::fs::read_dir(dir.join(SESSIONS_DIR))
@@ -134,7 +146,12 @@ impl SessionRoot {
                 let _ = std::fs::remove_dir_all(&path);
                 continue;
             }
-            match reopen(&path, &record_path, options.kvm_device.clone()) {
+            match reopen(
+                &path,
+                &record_path,
+                options.kvm_device.clone(),
+                filters.clone(),
+            ) {
                 Ok(session) => {
                     log::info!(
                         "session {}: found suspended in {}",
@@ -157,15 +174,16 @@ impl SessionRoot {
             skipped,
             stop: AtomicBool::new(false),
             manager: Mutex::new(None),
+            filters,
         });
         let weak = Arc::downgrade(&inner);
-        let manager = std::thread::Builder::new()
-            .name("dormouse-sessions".into())
-            .spawn(move || manage(weak))
-            .map_err(files::io(
-                "start the manager thread for",
-                Path::new("the session root"),
-            ))?;
+        let manager = crate::seccomp::spawn_thread(
+            "dormouse-sessions",
+            ThreadKind::Session,
+            &inner.filters,
+            move || manage(weak),
+        )
+        .map_err(|e| SessionError::Vm(crate::Error::Seccomp(e)))?;
         *inner.manager.lock().unwrap_or_else(|p| p.into_inner()) = Some(manager);
         Ok(SessionRoot { inner })
     }
@@ -185,6 +203,7 @@ impl SessionRoot {
             image,
             &config,
             self.inner.options.kvm_device.clone(),
+            self.inner.filters.clone(),
         )?;
         self.inner
             .sessions
@@ -215,6 +234,24 @@ impl SessionRoot {
             .get(id)
             .filter(|s| s.state() != SessionState::Terminated)
             .cloned()
+    }
+
+    /// The first system call a thread of this root made that its seccomp
+    /// filter forbids, if one did (the call failed with `EPERM`).
+    pub fn seccomp_violation(&self) -> Option<Violation> {
+        self.inner.filters.violation()
+    }
+
+    /// Test hook: the manager thread makes a call its filter forbids.
+    #[doc(hidden)]
+    pub fn inject_forbidden_syscall(&self) {
+        self.inner.filters.inject(ThreadKind::Session);
+    }
+
+    /// Test hook: the errno the injected call returned, once made.
+    #[doc(hidden)]
+    pub fn injected_syscall_errno(&self) -> Option<i32> {
+        self.inner.filters.injected_errno()
     }
 
     /// Session directories found at open that could not be served, with
@@ -250,7 +287,12 @@ impl Drop for SessionRoot {
     }
 }
 
-fn reopen(dir: &Path, record_path: &Path, kvm: Option<PathBuf>) -> Result<Session, SessionError> {
+fn reopen(
+    dir: &Path,
+    record_path: &Path,
+    kvm: Option<PathBuf>,
+    filters: Arc<ThreadFilters>,
+) -> Result<Session, SessionError> {
     let record: SessionRecord = files::read_record(
         record_path,
         || SessionError::SessionCorrupt {
@@ -263,7 +305,7 @@ fn reopen(dir: &Path, record_path: &Path, kvm: Option<PathBuf>) -> Result<Sessio
         },
     )?;
     record.validate(record_path)?;
-    Session::reopen(dir.to_path_buf(), record, kvm)
+    Session::reopen(dir.to_path_buf(), record, kvm, filters)
 }
 
 /// Takes the root's lock file (flock, held while the root is open) and
@@ -301,13 +343,24 @@ fn take_lock(dir: &Path) -> Result<File, SessionError> {
 }
 
 fn manage(root: Weak<RootInner>) {
+    let mut reported = false;
     loop {
         let Some(inner) = root.upgrade() else { return };
         if inner.stop.load(Ordering::Acquire) {
             return;
         }
+        if let Some(v) = crate::seccomp::checkpoint(ThreadKind::Session) {
+            if !reported {
+                log::error!(
+                    "session root {}: {v}, which its seccomp filter forbids",
+                    inner.dir.display()
+                );
+                reported = true;
+            }
+        }
         let tick = inner.options.tick;
         let merge_after = inner.options.merge_after;
+        let inner_filters = inner.filters.clone();
         let sessions: Vec<Session> = {
             let mut map = inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
             map.retain(|_, s| s.state() != SessionState::Terminated);
@@ -317,13 +370,16 @@ fn manage(root: Weak<RootInner>) {
         for session in sessions {
             if session.tick(merge_after) {
                 let s = session.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("dormouse-merge".into())
-                    .spawn(move || {
+                let spawned = crate::seccomp::spawn_thread(
+                    "dormouse-merge",
+                    ThreadKind::Session,
+                    &inner_filters,
+                    move || {
                         if let Err(e) = s.merge_chain() {
                             log::error!("session {}: chain merge failed: {e}", s.id());
                         }
-                    });
+                    },
+                );
                 if let Err(e) = spawned {
                     log::error!("session {}: cannot start a merge: {e}", session.id());
                 }

@@ -14,6 +14,7 @@ use super::console::ConsoleTail;
 use super::endpoint::{self, Endpoint, Forward, Listener};
 use super::image::Image;
 use super::{files, SessionError};
+use crate::seccomp::{ThreadFilters, ThreadKind};
 use crate::MicroVm;
 
 /// The session record format this build writes and the newest it reads.
@@ -102,7 +103,13 @@ impl SessionConfig {
         self
     }
 
-    pub(super) fn validate(&self) -> Result<(), SessionError> {
+    pub(super) fn validate(&self, image: &Image) -> Result<(), SessionError> {
+        if !self.endpoints.is_empty() && !image.has_vsock() {
+            return Err(SessionError::Config(format!(
+                "image {} has no vsock device, so its sessions cannot have endpoints",
+                image.dir().display()
+            )));
+        }
         if self.max_lifetime.is_zero() {
             return Err(SessionError::Config(
                 "max_lifetime must be more than zero".into(),
@@ -241,6 +248,7 @@ pub(super) struct Inner {
     bytes: AtomicU64,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    filters: Arc<ThreadFilters>,
 }
 
 /// A handle on one session; clones share it.
@@ -266,8 +274,9 @@ impl Session {
         image: &Image,
         config: &SessionConfig,
         kvm_device: Option<PathBuf>,
+        filters: Arc<ThreadFilters>,
     ) -> Result<Session, SessionError> {
-        config.validate()?;
+        config.validate(image)?;
         let started = Instant::now();
         files::private_dir(&dir)?;
         let result = (|| {
@@ -299,7 +308,7 @@ impl Session {
                 suspended_unix_ms: None,
             };
             files::write_record(&dir.join(SESSION_RECORD), &record)?;
-            let session = Session::new(dir.clone(), image.clone(), record, kvm_device);
+            let session = Session::new(dir.clone(), image.clone(), record, kvm_device, filters);
             {
                 let mut slot = session.0.lock();
                 session.0.restore(&mut slot, true)?;
@@ -329,6 +338,7 @@ impl Session {
         dir: PathBuf,
         record: SessionRecord,
         kvm_device: Option<PathBuf>,
+        filters: Arc<ThreadFilters>,
     ) -> Result<Session, SessionError> {
         let image = Image::open(&record.image)?;
         if image.manifest().snapshot_id != record.image_snapshot {
@@ -348,13 +358,19 @@ impl Session {
             let (l, _) = Listener::bind(endpoint, record.allow_non_loopback)?;
             listeners.push((l, endpoint.guest_port()));
         }
-        let session = Session::new(dir, image, record, kvm_device);
+        let session = Session::new(dir, image, record, kvm_device, filters);
         session.0.lock().state = SessionState::Suspended;
         session.serve(listeners);
         Ok(session)
     }
 
-    fn new(dir: PathBuf, image: Image, record: SessionRecord, kvm_device: Option<PathBuf>) -> Self {
+    fn new(
+        dir: PathBuf,
+        image: Image,
+        record: SessionRecord,
+        kvm_device: Option<PathBuf>,
+        filters: Arc<ThreadFilters>,
+    ) -> Self {
         Session(Arc::new(Inner {
             id: record.id.clone(),
             dir,
@@ -374,6 +390,7 @@ impl Session {
             bytes: AtomicU64::new(0),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
+            filters,
         }))
     }
 
@@ -382,10 +399,13 @@ impl Session {
         for (listener, port) in listeners {
             let forward: Arc<dyn Forward> = self.0.clone();
             let stop = self.0.stop.clone();
-            match std::thread::Builder::new()
-                .name("dormouse-accept".into())
-                .spawn(move || endpoint::serve(listener, port, forward, stop))
-            {
+            let filters = self.0.filters.clone();
+            match crate::seccomp::spawn_thread(
+                "dormouse-accept",
+                ThreadKind::Session,
+                &self.0.filters,
+                move || endpoint::serve(listener, port, forward, stop, filters),
+            ) {
                 Ok(t) => threads.push(t),
                 Err(e) => log::error!("session {}: cannot start an accept thread: {e}", self.0.id),
             }
@@ -599,9 +619,11 @@ impl Inner {
         let uds = self.dir.join(VSOCK_SOCKET);
         let _ = std::fs::remove_file(&uds);
         let mut restore = MicroVm::restore_chain(chain)
-            .vsock_uds(&uds)
             .serial_output(self.console.clone())
             .resume(true);
+        if self.image.has_vsock() {
+            restore = restore.vsock_uds(&uds);
+        }
         if let Some(kvm) = &self.kvm_device {
             restore = restore.kvm_device(kvm);
         }
