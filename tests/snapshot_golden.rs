@@ -285,3 +285,73 @@ fn the_format_1_1_golden_file_decodes_to_its_state() {
     // This build writes 1.1 byte for byte as the file holds it.
     assert_eq!(format::encode(&state_1_1()).unwrap(), GOLDEN_1_1);
 }
+
+// The runnable goldens (tests/golden_runs.rs restores and runs them in the
+// emulated host): one snapshot of the ticker guest, as format 1.0 and 1.1
+// wrote it, and a session image holding it. Here, on any host, what can be
+// checked without KVM.
+
+/// `tests/golden/v1_0/runnable/state`.
+const RUNNABLE_1_0: &[u8] = include_bytes!("golden/v1_0/runnable/state");
+/// `tests/golden/v1_1/runnable/state`.
+const RUNNABLE_1_1: &[u8] = include_bytes!("golden/v1_1/runnable/state");
+/// `tests/golden/image_v1/image.json`.
+const IMAGE_1_MANIFEST: &[u8] = include_bytes!("golden/image_v1/image.json");
+/// `tests/golden/image_v1/snapshot/state`.
+const IMAGE_1_STATE: &[u8] = include_bytes!("golden/image_v1/snapshot/state");
+/// `tests/golden/image_v1/snapshot/memory`.
+const IMAGE_1_MEMORY: &[u8] = include_bytes!("golden/image_v1/snapshot/memory");
+
+#[test]
+fn the_runnable_golden_snapshots_are_one_state_in_two_formats() {
+    let h0 = format::Header::parse(RUNNABLE_1_0).unwrap();
+    let h1 = format::Header::parse(RUNNABLE_1_1).unwrap();
+    assert_eq!(
+        [(h0.major, h0.minor), (h1.major, h1.minor)],
+        [(1, 0), (1, 1)]
+    );
+    let state = format::decode(RUNNABLE_1_1).unwrap();
+    state.validate().unwrap();
+    assert_eq!(format::decode(RUNNABLE_1_0).unwrap(), state);
+    // What a 1.0 file means, in the fields 1.0 did not have.
+    let vsock = VsockConfig {
+        host_ports: HostPorts::Any,
+        ..VsockConfig::default()
+    };
+    assert!(matches!(
+        &state.config.devices[..],
+        [SavedDevice::Vsock { config, .. }] if *config == vsock
+    ));
+    assert!(state.virtio.iter().all(|t| t.rate_limiters.is_empty()));
+    // The 1.0 file is what the frozen 1.0 structs write, byte for byte.
+    let (_, payload) = format::check(RUNNABLE_1_0).unwrap();
+    let old: v1_0::VmState = postcard::from_bytes(payload).unwrap();
+    assert_eq!(format::encode_version(&old, 0).unwrap(), RUNNABLE_1_0);
+}
+
+#[test]
+fn the_golden_image_opens() {
+    use dormouse::session::{Image, IMAGE_MANIFEST, IMAGE_SNAPSHOT};
+    let dir = std::env::temp_dir().join(format!("dormouse-golden-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join(IMAGE_SNAPSHOT)).unwrap();
+    std::fs::write(dir.join(IMAGE_MANIFEST), IMAGE_1_MANIFEST).unwrap();
+    let snapshot = dir.join(IMAGE_SNAPSHOT);
+    std::fs::write(snapshot.join(dormouse::snapshot::STATE_FILE), IMAGE_1_STATE).unwrap();
+    std::fs::write(
+        snapshot.join(dormouse::snapshot::MEMORY_FILE),
+        IMAGE_1_MEMORY,
+    )
+    .unwrap();
+    let image = Image::open(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let image = image.unwrap();
+    let manifest = image.manifest();
+    assert_eq!(manifest.format, 1);
+    assert_eq!((manifest.memory_mib, manifest.vcpus), (2, 2));
+    assert!(manifest.disks.is_empty());
+    let state = format::decode(IMAGE_1_STATE).unwrap();
+    assert_eq!(manifest.snapshot_id, state.id.to_string());
+    assert_eq!(state.config.memory_size, IMAGE_1_MEMORY.len() as u64);
+    assert!(state.config.dirty_tracking, "sessions suspend as diffs");
+}

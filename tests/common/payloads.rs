@@ -170,6 +170,50 @@ pub const SMP: &[u32] = &[
     0x0000000a, // .short 0x000a; .short 0x0000
 ];
 
+/// Assembled from `tests/payloads/ticker.S`.
+pub const TICKER: &[u32] = &[
+    // _start:
+    0xd2b88000, // mov x0, #0xc4000000 // #3288334336
+    0xf2800060, // movk x0, #0x3
+    0xd2800021, // mov x1, #0x1 // #1
+    0x10000062, // adr x2, 18 <count>
+    0xd2800003, // mov x3, #0x0 // #0
+    0xd4000002, // hvc #0x0
+    // count:
+    0xd53800a4, // mrs x4, mpidr_el1
+    0x92401c84, // and x4, x4, #0xff
+    0xd2b00202, // mov x2, #0x80100000 // #2148532224
+    0x8b040c42, // add x2, x2, x4, lsl #3
+    0xd2a20005, // mov x5, #0x10000000 // #268435456
+    0xd2800001, // mov x1, #0x0 // #0
+    0x91000421, // add x1, x1, #0x1
+    0xf9000041, // str x1, [x2]
+    0xb5ffffc4, // cbnz x4, 30 <count+0x18>
+    0xf2403c3f, // tst x1, #0xffff
+    0x54ffff81, // b.ne 30 <count+0x18> // b.any
+    0x10000246, // adr x6, 8c <prefix>
+    0x384014c7, // ldrb w7, [x6], #1
+    0x34000067, // cbz w7, 58 <count+0x40>
+    0x390000a7, // strb w7, [x5]
+    0x17fffffd, // b 48 <count+0x30>
+    0xd2800788, // mov x8, #0x3c // #60
+    0x9ac82427, // lsr x7, x1, x8
+    0x92400ce7, // and x7, x7, #0xf
+    0x9100c0e9, // add x9, x7, #0x30
+    0x91015cea, // add x10, x7, #0x57
+    0xf10028ff, // cmp x7, #0xa
+    0x9a8a3127, // csel x7, x9, x10, cc // cc = lo, ul, last
+    0x390000a7, // strb w7, [x5]
+    0xf1001108, // subs x8, x8, #0x4
+    0x54ffff0a, // b.ge 5c <count+0x44> // b.tcont
+    0x52800147, // mov w7, #0xa // #10
+    0x390000a7, // strb w7, [x5]
+    0x17ffffea, // b 30 <count+0x18>
+    // prefix:
+    0x6b636974, // .word 0x6b636974
+    0x00000020, // .short 0x0020; .short 0x0000
+];
+
 /// Assembled from `tests/payloads/unowned.S`.
 pub const UNOWNED: &[u32] = &[
     // _start:
