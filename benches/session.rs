@@ -20,7 +20,7 @@
 
 #[cfg(target_arch = "aarch64")]
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 #[cfg(target_arch = "aarch64")]

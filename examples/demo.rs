@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use dormouse::session::{Endpoint, RootOptions, Session, SessionConfig, SessionRoot, SessionState};
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use common::session::{ask, rss, service_image, SERVICE_PORT};

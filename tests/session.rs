@@ -373,3 +373,24 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn session_threads_run_under_their_seccomp_filter() {
+    let tmp = TempDir::new("session-seccomp");
+    let root = root(&tmp.0);
+    assert!(root.seccomp_violation().is_none());
+    // The manager thread makes a call the session deny list forbids.
+    root.inject_forbidden_syscall();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let errno = loop {
+        if let Some(errno) = root.injected_syscall_errno() {
+            break errno;
+        }
+        assert!(Instant::now() < deadline, "the manager never made the call");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(errno, libc::EPERM);
+    let violation = root.seccomp_violation().expect("recorded");
+    assert_eq!(violation.thread, dormouse::seccomp::ThreadKind::Session);
+    assert_eq!(violation.syscall_name(), Some("unshare"));
+}
