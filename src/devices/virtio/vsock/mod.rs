@@ -54,6 +54,7 @@ mod config;
 mod connection;
 mod device;
 mod event_handler;
+mod handoff;
 mod packet;
 mod unix;
 mod warn_limit;
@@ -68,7 +69,10 @@ pub use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, MAX_BUFFER_SIZE, MAX_DEFAULT_CONNECTIONS,
     MAX_TIMEOUT, MIN_BUFFER_SIZE,
 };
+pub(crate) use device::listener_path;
 pub use device::{Vsock, VsockError};
+pub(crate) use handoff::Connector;
+pub use handoff::VsockConnectError;
 
 /// The host's CID (`VMADDR_CID_HOST`).
 pub const HOST_CID: u64 = 2;
