@@ -1522,7 +1522,7 @@ fn handed_in_connections_count_against_the_connection_limit() {
 
 #[test]
 fn handed_in_connections_count_in_the_process_fd_budget() {
-    let mut rig = Rig::new();
+    let rig = Rig::new();
     let budget = std::sync::Arc::new(super::budget::FdBudget::new());
     rig.dev().backend.limits.budget = budget.clone();
     rig.dev().backend.limits.process_cap = 1;
