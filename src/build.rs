@@ -185,7 +185,7 @@ mod aarch64 {
                         VsockHost::Listener(l) => Vsock::with_listener(cid, l, config.clone()),
                     }
                     .map_err(DeviceError::from)?;
-                    let connector = vsock.connector().map_err(DeviceError::from)?;
+                    let connector = vsock.connector();
                     let uds_path = vsock.uds_path().to_path_buf();
                     devices.attach_virtio(vm, memory, vsock)?;
                     devices.vsock = Some(connector);

@@ -125,7 +125,8 @@ pub struct Vsock {
     queue_events: Vec<EventFd>,
     /// Written when connections were closed off the event-loop thread (reset,
     /// transport reset) so that the loop unregisters and closes them.
-    pub(super) wake: EventFd,
+    /// Shared with the device's connectors (no second fd).
+    pub(super) wake: Arc<EventFd>,
     /// Wakes the loop at the backend's earliest deadline (non-blocking).
     pub(super) timer: TimerFd,
     /// The deadline the timer is set for.
@@ -307,7 +308,7 @@ impl Vsock {
             handoffs,
             handoff_tx,
             queue_events: fds.queue_events,
-            wake: fds.wake,
+            wake: Arc::new(fds.wake),
             timer: fds.timer,
             timer_at: None,
             acked_features: 0,
@@ -331,13 +332,12 @@ impl Vsock {
     /// A handle that hands connections to this device from any thread
     /// (see `handoff`).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    pub(crate) fn connector(&self) -> Result<Connector, VsockError> {
-        let wake = self.wake.try_clone().map_err(VsockError::Io)?;
-        Ok(Connector::new(
+    pub(crate) fn connector(&self) -> Connector {
+        Connector::new(
             self.handoff_tx.clone(),
-            wake,
+            self.wake.clone(),
             &self.backend.limits,
-        ))
+        )
     }
 
     /// Takes the connections handed in since the last look.

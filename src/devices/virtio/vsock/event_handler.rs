@@ -69,7 +69,7 @@ impl MutEventSubscriber for Vsock {
                 log::error!("vsock: cannot watch queue eventfd {token}: {e:?}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(&self.wake, WAKE_TOKEN, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(&*self.wake, WAKE_TOKEN, EventSet::IN)) {
             log::error!("vsock: cannot watch its wake-up eventfd: {e:?}");
         }
         if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_TOKEN, EventSet::IN)) {

@@ -66,8 +66,8 @@ pub enum VsockConnectError {
 #[derive(Debug)]
 pub(crate) struct Connector {
     tx: Sender<Handoff>,
-    /// A duplicate of the device's wake-up eventfd.
-    wake: EventFd,
+    /// The device's wake-up eventfd.
+    wake: Arc<EventFd>,
     slots: Arc<FdBudget>,
     max_connections: usize,
     budget: Arc<FdBudget>,
@@ -76,7 +76,11 @@ pub(crate) struct Connector {
 
 impl Connector {
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    pub(crate) fn new(tx: Sender<Handoff>, wake: EventFd, limits: &super::backend::Limits) -> Self {
+    pub(crate) fn new(
+        tx: Sender<Handoff>,
+        wake: Arc<EventFd>,
+        limits: &super::backend::Limits,
+    ) -> Self {
         Self {
             tx,
             wake,

@@ -1433,7 +1433,7 @@ fn handed_in_request(rig: &mut Rig, port: u32) -> u32 {
 #[test]
 fn a_handed_in_connection_is_a_request_and_carries_data_both_ways() {
     let mut rig = Rig::new();
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     let mut s = connector.connect(52).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let local = handed_in_request(&mut rig, 52);
@@ -1464,7 +1464,7 @@ fn a_handed_in_connection_is_a_request_and_carries_data_both_ways() {
 #[test]
 fn a_refused_handed_in_connection_ends_the_stream() {
     let mut rig = Rig::new();
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     let mut s = connector.connect(99).unwrap();
     let local = handed_in_request(&mut rig, 99);
     rig.send(&hdr(op::RST, 99, local), &[]);
@@ -1478,7 +1478,7 @@ fn an_unanswered_handed_in_connection_times_out() {
         connect_timeout: Duration::from_millis(300),
         ..test_config()
     });
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     let mut s = connector.connect(7).unwrap();
     let local = handed_in_request(&mut rig, 7);
     assert!(nothing_to_read(&mut s));
@@ -1495,7 +1495,7 @@ fn handed_in_connections_count_against_the_connection_limit() {
         max_connections: Some(2),
         ..test_config()
     });
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     // Counted as soon as they are made, before the loop sees them.
     let _a = connector.connect(1).unwrap();
     let mut b = connector.connect(2).unwrap();
@@ -1526,7 +1526,7 @@ fn handed_in_connections_count_in_the_process_fd_budget() {
     let budget = std::sync::Arc::new(super::budget::FdBudget::new());
     rig.dev().backend.limits.budget = budget.clone();
     rig.dev().backend.limits.process_cap = 1;
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     let a = connector.connect(1).unwrap();
     assert_eq!(budget.held(), 1);
     let err = connector.connect(2).unwrap_err();
@@ -1543,7 +1543,7 @@ fn handed_in_connections_count_in_the_process_fd_budget() {
 #[test]
 fn a_dropped_device_ends_what_was_handed_to_it() {
     let rig = Rig::new();
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     // Never seen by the loop: it waits in the channel.
     let mut s = connector.connect(5).unwrap();
     drop(rig);
@@ -1620,7 +1620,7 @@ fn after_a_transport_reset_rx_waits_for_the_guest_to_handle_it() {
     assert_eq!(rig.events(), vec![(4, 0)]);
     // A host connection (e.g. one that waited in the backlog while the VM
     // was restored) is not offered before the guest dropped its old ones.
-    let connector = rig.dev().connector().unwrap();
+    let connector = rig.dev().connector();
     let _s = connector.connect(52).unwrap();
     rig.pump();
     rig.add_rx(1, 4096);
