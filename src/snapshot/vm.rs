@@ -242,8 +242,9 @@ fn io_error(e: vm_memory::GuestMemoryError) -> std::io::Error {
 /// A snapshot file is not trusted to choose host resources: every disk
 /// image, TAP and vsock socket the snapshot's devices used must be named by
 /// the caller ([`block_path`](Self::block_path), [`tap`](Self::tap),
-/// [`vsock_uds`](Self::vsock_uds) or [`vsock_listener`](Self::vsock_listener)), unless the caller consents to reopening
-/// the ones the snapshot names with
+/// [`vsock_uds`](Self::vsock_uds) or
+/// [`vsock_listener`](Self::vsock_listener)), unless the caller consents to
+/// reopening the ones the snapshot names with
 /// [`reuse_saved_paths(true)`](Self::reuse_saved_paths). A device left
 /// unnamed is [`SnapshotError::SavedResourceNotNamed`].
 ///
