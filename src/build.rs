@@ -46,7 +46,7 @@ mod aarch64 {
     use crate::arch::aarch64::fdt::{create_fdt, FdtConfig};
     use crate::arch::aarch64::gic::Gic;
     use crate::arch::aarch64::{boot, layout, regs, ArchError};
-    use crate::builder::{ConfigError, MicroVmBuilder, VirtioConfig};
+    use crate::builder::{ConfigError, MicroVmBuilder, VirtioConfig, VsockHost};
     use crate::device_manager::{DeviceError, DeviceManager};
     use crate::devices::serial::{self, ConsoleOutput, SerialInput, SerialOutput};
     use crate::devices::virtio::block::Block;
@@ -179,14 +179,16 @@ mod aarch64 {
                         tx_rate_limiter,
                     });
                 }
-                VirtioConfig::Vsock {
-                    cid,
-                    uds_path,
-                    config,
-                } => {
-                    let vsock = Vsock::with_config(cid, &uds_path, config.clone())
-                        .map_err(DeviceError::from)?;
+                VirtioConfig::Vsock { cid, host, config } => {
+                    let vsock = match host {
+                        VsockHost::Path(path) => Vsock::with_config(cid, &path, config.clone()),
+                        VsockHost::Listener(l) => Vsock::with_listener(cid, l, config.clone()),
+                    }
+                    .map_err(DeviceError::from)?;
+                    let connector = vsock.connector();
+                    let uds_path = vsock.uds_path().to_path_buf();
                     devices.attach_virtio(vm, memory, vsock)?;
+                    devices.vsock = Some(connector);
                     saved.push(SavedDevice::Vsock {
                         cid,
                         uds_path,
@@ -270,6 +272,7 @@ mod aarch64 {
             serial,
             rtc: devices.rtc.map(|(rtc, _)| rtc),
             transports: devices.transports,
+            vsock: devices.vsock,
             config,
             _vm: core.vm,
             memory: core.memory,

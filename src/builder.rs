@@ -1,6 +1,7 @@
 //! [`MicroVmBuilder`]: plain configuration in, a live [`MicroVm`] out.
 
 use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use linux_loader::cmdline::Cmdline;
@@ -72,6 +73,12 @@ pub enum ConfigError {
         "guest CID {0} is reserved (0, 1 and 2 are, and CIDs must fit 32 bits): use 3 or more"
     )]
     InvalidCid(u64),
+    /// The vsock listener handed in has no filesystem path.
+    #[error(
+        "the vsock listener has no filesystem path (unnamed or abstract socket): bind it to a \
+         path, which guest connections to host port P extend to <path>_P"
+    )]
+    UnnamedVsockListener,
     /// The vsock device's [`VsockConfig`] is out of range.
     #[error(transparent)]
     Vsock(#[from] VsockConfigError),
@@ -134,9 +141,31 @@ pub(crate) enum VirtioConfig {
     },
     Vsock {
         cid: u64,
-        uds_path: PathBuf,
+        host: VsockHost,
         config: VsockConfig,
     },
+}
+
+/// Where a vsock device's host side listens.
+#[derive(Debug)]
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+pub(crate) enum VsockHost {
+    /// The device binds this path (and removes it when dropped).
+    Path(PathBuf),
+    /// The embedder's listener; its path stays the embedder's.
+    Listener(UnixListener),
+}
+
+impl VsockHost {
+    /// Checks that a listener handed in has a path to record.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            Self::Listener(l) if crate::devices::virtio::vsock::listener_path(l).is_err() => {
+                Err(ConfigError::UnnamedVsockListener)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A virtio-blk disk, for [`MicroVmBuilder::block_with`].
@@ -471,7 +500,34 @@ impl MicroVmBuilder {
     ) -> Self {
         self.virtio.push(VirtioConfig::Vsock {
             cid: guest_cid,
-            uds_path: uds_path.into(),
+            host: VsockHost::Path(uds_path.into()),
+            config,
+        });
+        self
+    }
+
+    /// A virtio-vsock device whose host side is `listener`, a Unix socket
+    /// the embedder bound and keeps: the device accepts on it (connections
+    /// already waiting in its backlog included) instead of binding a path,
+    /// and never removes its path. Guest connections to an allowed host
+    /// port P go to `<path>_P`, and a snapshot records the path. Give the
+    /// next VM (a restore, see
+    /// [`Restore::vsock_listener`](crate::snapshot::Restore::vsock_listener))
+    /// a [`try_clone`](UnixListener::try_clone) of it, and clients that
+    /// connect in between wait in the backlog.
+    ///
+    /// The listener must have a filesystem path
+    /// ([`ConfigError::UnnamedVsockListener`]); it becomes non-blocking, and
+    /// its owner must not accept on it while a VM uses it.
+    pub fn vsock_listener(
+        mut self,
+        guest_cid: u64,
+        listener: UnixListener,
+        config: VsockConfig,
+    ) -> Self {
+        self.virtio.push(VirtioConfig::Vsock {
+            cid: guest_cid,
+            host: VsockHost::Listener(listener),
             config,
         });
         self
@@ -535,14 +591,15 @@ impl MicroVmBuilder {
             return Err(ConfigError::TooManyDevices(self.virtio.len()));
         }
         let mut vsocks = self.virtio.iter().filter_map(|d| match d {
-            VirtioConfig::Vsock { cid, config, .. } => Some((*cid, config)),
+            VirtioConfig::Vsock { cid, host, config } => Some((*cid, host, config)),
             _ => None,
         });
-        if let Some((cid, config)) = vsocks.next() {
+        if let Some((cid, host, config)) = vsocks.next() {
             if cid <= 2 || cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::InvalidCid(cid));
             }
             config.validate()?;
+            host.validate()?;
         }
         if vsocks.next().is_some() {
             return Err(ConfigError::MultipleVsock);
@@ -783,6 +840,44 @@ mod tests {
             many = many.block(format!("/disk{i}"), false);
         }
         assert!(matches!(err(many), ConfigError::TooManyDevices(_)));
+    }
+
+    #[test]
+    fn a_vsock_listener_needs_a_path() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::SocketAddr;
+
+        let dir = std::env::temp_dir().join(format!("dormouse-builder-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        let named = UnixListener::bind(&path).unwrap();
+        valid()
+            .vsock_listener(3, named, VsockConfig::default())
+            .validate()
+            .unwrap();
+        let name = format!("dormouse-builder-{}", std::process::id());
+        let unnamed =
+            || UnixListener::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+        let e = match valid()
+            .vsock_listener(3, unnamed(), VsockConfig::default())
+            .validate()
+        {
+            Err(Error::Config(e)) => e,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(e, ConfigError::UnnamedVsockListener);
+        assert!(e.to_string().contains("bind it to a"), "{e}");
+        // A restore checks it before it reads the snapshot.
+        let e = crate::MicroVm::restore(dir.join("no-such-snapshot"))
+            .vsock_listener(unnamed())
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Config(ConfigError::UnnamedVsockListener)),
+            "{e:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

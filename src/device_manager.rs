@@ -97,6 +97,9 @@ pub struct DeviceManager {
     pub virtio: Vec<MmioDeviceInfo>,
     /// Each virtio transport, in attach order.
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Hands connections to the vsock device, once attached.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) vsock: Option<crate::devices::virtio::vsock::Connector>,
     subscribers: Vec<(String, Subscriber)>,
 }
 
@@ -124,6 +127,7 @@ impl DeviceManager {
             rtc: None,
             virtio: Vec::new(),
             transports: Vec::new(),
+            vsock: None,
             subscribers: Vec::new(),
         }
     }

@@ -144,6 +144,10 @@ pub enum Error {
     /// A pause timed out earlier and has not been completed.
     #[error("an earlier pause timed out and is still pending: call pause() again to finish it")]
     PauseIncomplete,
+    /// A connection could not be handed to the vsock device
+    /// ([`MicroVm::vsock_connect`]).
+    #[error(transparent)]
+    VsockConnect(#[from] devices::virtio::vsock::VsockConnectError),
     /// Dirty-page tracking failed.
     #[error(transparent)]
     Dirty(#[from] dirty::DirtyError),

@@ -27,6 +27,7 @@ use crate::bus::MmioBus;
 use crate::devices::rtc::RtcDevice;
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::{Connector, VsockConnectError};
 use crate::event_loop::{EventLoop, PauseError, DROP_GRACE};
 use crate::memory::GuestMemoryMmap;
 use crate::seccomp::{ThreadFilters, ThreadKind};
@@ -94,6 +95,8 @@ pub struct MicroVm {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) rtc: Option<Arc<Mutex<RtcDevice>>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Hands connections to the vsock device, if there is one.
+    pub(crate) vsock: Option<Connector>,
     pub(crate) config: SavedConfig,
     pub(crate) _vm: VmFd,
     pub(crate) memory: GuestMemoryMmap,
@@ -177,6 +180,31 @@ impl MicroVm {
     /// wait).
     pub fn serial_output_dropped(&self) -> u64 {
         self.console.as_ref().map_or(0, ConsoleOutput::dropped)
+    }
+
+    /// A new connection to guest vsock port `port`, with no socket path
+    /// and no handshake: the device asks the guest to accept it exactly as
+    /// for a host process that sent `CONNECT <port>` on the device's
+    /// socket, and the returned stream carries the connection's bytes from
+    /// the start (no `OK` line). If the guest refuses (nothing listens on
+    /// the port) or does not accept within the
+    /// [`connect_timeout`](crate::devices::virtio::vsock::VsockConfig::connect_timeout),
+    /// the stream reads EOF (or a reset).
+    ///
+    /// The connection counts against the device's `max_connections` and the
+    /// process's vsock fd budget from now on. On a paused VM it waits and is
+    /// served after [`resume`](Self::resume) (its connect timeout starts
+    /// then); a VM dropped meanwhile drops it (EOF). A VM that stopped or
+    /// failed, or has no vsock device, is an error.
+    pub fn vsock_connect(&self, port: u32) -> Result<std::os::unix::net::UnixStream, Error> {
+        match self.run {
+            RunState::Stopped(reason) => return Err(Error::AlreadyStopped(reason)),
+            RunState::Failed => return Err(Error::VmFailed),
+            _ if self.event_loop.failure().is_some() => return Err(Error::VmFailed),
+            _ => {}
+        }
+        let connector = self.vsock.as_ref().ok_or(VsockConnectError::NoDevice)?;
+        Ok(connector.connect(port)?)
     }
 
     /// The error to report for a failure. A device that failed on the I/O

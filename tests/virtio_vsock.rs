@@ -4,7 +4,10 @@
 //! in a row and 8 at once; only allowed host ports reachable; a guest that
 //! closes after writing to a slow reader loses nothing; a host CONNECT
 //! nobody answers times out; a guest flooding connections cannot starve
-//! another VM of fds.
+//! another VM of fds. Handed-in host sides (`vsock_handoff_*`): a
+//! connection from `MicroVm::vsock_connect` with no socket, and a listener
+//! the embedder owns across a suspend, whose backlog the restored VM
+//! serves.
 #![cfg(target_arch = "aarch64")]
 
 mod common;
@@ -17,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{fact, guest_assets, guest_initrd, modules, run_guest, TempDir};
+use common::{fact, guest_assets, guest_initrd, modules, run_guest, Session, TempDir};
 use dormouse::builder::DEFAULT_CMDLINE;
 use dormouse::devices::virtio::vsock::{VsockConfig, DEFAULT_CONNECT_TIMEOUT};
 use dormouse::{ExitReason, MicroVm};
@@ -121,6 +124,13 @@ fn vm_with(
     script: &str,
     config: VsockConfig,
 ) -> (dormouse::MicroVmBuilder, PathBuf) {
+    let uds = tmp.join("vsock.sock");
+    let builder = guest(tmp, guest_modules, script).vsock_with(GUEST_CID, &uds, config);
+    (builder, uds)
+}
+
+/// A VM running `script` with the vsock tool, without a vsock device.
+fn guest(tmp: &Path, guest_modules: &[&[&str]], script: &str) -> dormouse::MicroVmBuilder {
     let mut initrd_script = String::new();
     initrd_script.push_str(script);
     let initrd = {
@@ -136,15 +146,12 @@ fn vm_with(
         std::fs::write(&path, cpio).unwrap();
         path
     };
-    let uds = tmp.join("vsock.sock");
-    let builder = MicroVm::builder()
+    MicroVm::builder()
         .vcpus(2)
         .memory_mib(256)
         .kernel(guest_assets().kernel)
         .initrd(initrd)
         .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
-        .vsock_with(GUEST_CID, &uds, config);
-    (builder, uds)
 }
 
 #[test]
@@ -407,4 +414,171 @@ fn a_connection_flood_cannot_stop_another_vm_from_building() {
         );
     });
     assert_eq!(exit, ExitReason::Shutdown, "console:\n{text}");
+}
+
+/// The guest of the hand-off tests: an echo server on `GUEST_PORT`, then
+/// it waits for a console line and powers off.
+fn echo_guest() -> String {
+    format!(
+        "guest_vsock echo-server {GUEST_PORT} &\nsleep 1\necho @@ready=yes\nread line\npoweroff -f\n"
+    )
+}
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Sends `data` on `stream` (from another thread) and reads its echo.
+fn echo_on(stream: UnixStream, data: &[u8]) -> Vec<u8> {
+    stream.set_read_timeout(Some(MINUTE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sent = data.to_vec();
+    let sender = thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut back = vec![0u8; data.len()];
+    let mut reader = stream;
+    reader.read_exact(&mut back).unwrap();
+    sender.join().unwrap();
+    back
+}
+
+/// Whether the stream ends (EOF or reset) without a byte.
+fn ends_empty(mut stream: UnixStream) -> bool {
+    stream.set_read_timeout(Some(MINUTE)).unwrap();
+    let mut b = [0u8; 1];
+    match stream.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn vsock_handoff_connect_reaches_a_guest_port_with_no_socket() {
+    let tmp = TempDir::new("vsock-handoff-connect");
+    let (builder, _uds) = vm(&tmp.0, &echo_guest());
+    let (mut session, input) = Session::new();
+    let mut vm = builder
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    session.wait_fact("ready", 10 * MINUTE);
+
+    let data = pattern(7, MIB);
+    let start = Instant::now();
+    let stream = vm.vsock_connect(GUEST_PORT).unwrap();
+    assert!(echo_on(stream, &data) == data, "the echo differs");
+    common::report(&format!(
+        "virtio-vsock vsock_connect echo of 1 MiB: {:.2} s",
+        start.elapsed().as_secs_f64()
+    ));
+    // Nobody listens on this port: the guest refuses, the stream ends.
+    assert!(ends_empty(vm.vsock_connect(GUEST_PORT + 1).unwrap()));
+
+    // On a paused VM the connection waits, and is served after resume.
+    vm.pause().unwrap();
+    let waiting = vm.vsock_connect(GUEST_PORT).unwrap();
+    (&waiting).write_all(b"made while paused").unwrap();
+    vm.resume().unwrap();
+    let mut back = [0u8; 17];
+    waiting.set_read_timeout(Some(MINUTE)).unwrap();
+    (&waiting).read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"made while paused");
+
+    session.send("done");
+    assert_eq!(vm.wait().unwrap(), ExitReason::Shutdown);
+    assert!(
+        matches!(
+            vm.vsock_connect(GUEST_PORT),
+            Err(dormouse::Error::AlreadyStopped(ExitReason::Shutdown))
+        ),
+        "a stopped VM takes no connection"
+    );
+
+    // A VM without a vsock device says so.
+    let plain = guest(&tmp.0, &[], "poweroff -f\n").build().unwrap();
+    let err = plain.vsock_connect(GUEST_PORT).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dormouse::Error::VsockConnect(
+                dormouse::devices::virtio::vsock::VsockConnectError::NoDevice
+            )
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn vsock_handoff_listener_serves_its_backlog_after_a_restore() {
+    let tmp = TempDir::new("vsock-handoff-listener");
+    let path = tmp.0.join("owned.sock");
+    let snap = tmp.0.join("snap");
+    let listener = UnixListener::bind(&path).unwrap();
+    // Generous: the restored guest must handle the transport reset first.
+    let config = VsockConfig {
+        connect_timeout: MINUTE,
+        ..VsockConfig::default()
+    };
+    let (session, input) = Session::new();
+    let mut vm = guest(
+        &tmp.0,
+        &[modules::VIRTIO_MMIO, modules::VSOCK],
+        &echo_guest(),
+    )
+    .vsock_listener(GUEST_CID, listener.try_clone().unwrap(), config)
+    .serial_output(session.console.clone())
+    .serial_input(input)
+    .build()
+    .unwrap();
+    // The snapshot records the listener's path.
+    assert!(
+        matches!(
+            &vm.config().devices[..],
+            [dormouse::snapshot::SavedDevice::Vsock { uds_path, .. }] if *uds_path == path
+        ),
+        "{:?}",
+        vm.config().devices
+    );
+    vm.start().unwrap();
+    session.wait_fact("ready", 10 * MINUTE);
+    // The listener serves CONNECT as a socket path does.
+    let stream = connect_to_guest(&path, GUEST_PORT);
+    assert_eq!(echo_on(stream, b"before"), b"before");
+    vm.pause().unwrap();
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+    assert!(path.exists(), "the VM removed its owner's socket path");
+
+    // No VM exists: the client's connect succeeds into the backlog.
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(MINUTE)).unwrap();
+    write!(client, "CONNECT {GUEST_PORT}\nwaited in the backlog").unwrap();
+
+    let (mut session, input) = Session::new();
+    let start = Instant::now();
+    let mut vm = MicroVm::restore(&snap)
+        .vsock_listener(listener.try_clone().unwrap())
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .resume(true)
+        .build()
+        .unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        client.read_exact(&mut b).unwrap();
+        line.push(b[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    assert!(line.starts_with("OK "), "handshake answered {line:?}");
+    let mut back = [0u8; 21];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"waited in the backlog");
+    common::report(&format!(
+        "virtio-vsock: a client that waited in the backlog was served {:.2} s after the restore began",
+        start.elapsed().as_secs_f64()
+    ));
+    session.send("done");
+    assert_eq!(vm.wait().unwrap(), ExitReason::Shutdown);
+    drop(vm);
+    assert!(path.exists());
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{SnapshotError, SnapshotId, VmState};
-use crate::builder::DEFAULT_KVM_DEVICE;
+use crate::builder::{VsockHost, DEFAULT_KVM_DEVICE};
 use crate::devices::serial::{SerialInput, SerialOutput};
 use crate::devices::virtio::net::TapConfig;
 use crate::{Error, MicroVm};
@@ -177,7 +177,7 @@ impl MicroVm {
             serial_input: None,
             block_paths: Vec::new(),
             taps: Vec::new(),
-            vsock_uds: None,
+            vsock_host: None,
             reuse_saved_paths: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             resume: false,
@@ -242,8 +242,9 @@ fn io_error(e: vm_memory::GuestMemoryError) -> std::io::Error {
 /// A snapshot file is not trusted to choose host resources: every disk
 /// image, TAP and vsock socket the snapshot's devices used must be named by
 /// the caller ([`block_path`](Self::block_path), [`tap`](Self::tap),
-/// [`vsock_uds`](Self::vsock_uds)), unless the caller consents to reopening
-/// the ones the snapshot names with
+/// [`vsock_uds`](Self::vsock_uds) or
+/// [`vsock_listener`](Self::vsock_listener)), unless the caller consents to
+/// reopening the ones the snapshot names with
 /// [`reuse_saved_paths(true)`](Self::reuse_saved_paths). A device left
 /// unnamed is [`SnapshotError::SavedResourceNotNamed`].
 ///
@@ -263,7 +264,9 @@ pub struct Restore {
     serial_input: Option<SerialInput>,
     block_paths: Vec<(usize, PathBuf)>,
     taps: Vec<(usize, TapConfig)>,
-    vsock_uds: Option<PathBuf>,
+    /// The vsock device's host side, if the caller names it (the last of
+    /// `vsock_uds` and `vsock_listener` wins).
+    vsock_host: Option<VsockHost>,
     reuse_saved_paths: bool,
     kvm_device: PathBuf,
     resume: bool,
@@ -276,7 +279,7 @@ impl std::fmt::Debug for Restore {
             .field("chain", &self.chain)
             .field("block_paths", &self.block_paths)
             .field("taps", &self.taps)
-            .field("vsock_uds", &self.vsock_uds)
+            .field("vsock_host", &self.vsock_host)
             .field("reuse_saved_paths", &self.reuse_saved_paths)
             .field("resume", &self.resume)
             .field("seccomp", &self.seccomp)
@@ -314,7 +317,18 @@ impl Restore {
     /// Puts the vsock device's host side on another Unix socket (a clone's
     /// own; each running VM needs its own).
     pub fn vsock_uds(mut self, path: impl Into<PathBuf>) -> Self {
-        self.vsock_uds = Some(path.into());
+        self.vsock_host = Some(VsockHost::Path(path.into()));
+        self
+    }
+
+    /// Puts the vsock device's host side on `listener`, bound and kept by
+    /// the caller, as
+    /// [`MicroVmBuilder::vsock_listener`](crate::MicroVmBuilder::vsock_listener)
+    /// does: clients that connected while no VM existed wait in its backlog
+    /// and are served by the restored VM. Replaces a
+    /// [`vsock_uds`](Self::vsock_uds) given before.
+    pub fn vsock_listener(mut self, listener: std::os::unix::net::UnixListener) -> Self {
+        self.vsock_host = Some(VsockHost::Listener(listener));
         self
     }
 
@@ -351,6 +365,9 @@ impl Restore {
     /// Reads and checks the snapshot, then rebuilds the VM from it. Every
     /// check on the files comes before any KVM resource exists.
     pub fn build(self) -> Result<MicroVm, Error> {
+        if let Some(host) = &self.vsock_host {
+            host.validate()?;
+        }
         let layers = super::read_chain(&self.chain)?;
         if let Some(newest) = layers.last() {
             self.check_overrides(&newest.state)?;
@@ -374,9 +391,9 @@ impl Restore {
                 "tap({i}) but the snapshot has {nets} network interfaces"
             )));
         }
-        if self.vsock_uds.is_some() && count(|d| matches!(d, SavedDevice::Vsock { .. })) == 0 {
+        if self.vsock_host.is_some() && count(|d| matches!(d, SavedDevice::Vsock { .. })) == 0 {
             return Err(SnapshotError::Inconsistent(
-                "vsock_uds() but the snapshot has no vsock device".into(),
+                "vsock_uds() or vsock_listener() but the snapshot has no vsock device".into(),
             ));
         }
         if self.reuse_saved_paths {
@@ -403,7 +420,7 @@ impl Restore {
                 }
                 SavedDevice::Vsock { uds_path, .. } => {
                     vsock += 1;
-                    let named = self.vsock_uds.is_some();
+                    let named = self.vsock_host.is_some();
                     let saved = uds_path.display().to_string();
                     ("vsock device", vsock - 1, named, saved, "vsock_uds")
                 }
@@ -445,7 +462,7 @@ mod aarch64 {
     use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
     use super::super::{MemoryRegionState, SavedDevice, SnapshotError, VmState};
-    use super::Restore;
+    use super::{Restore, VsockHost};
     use crate::arch::aarch64::layout::{DRAM_START, PAGE_SIZE};
     use crate::arch::aarch64::{regs, ArchError};
     use crate::build::{assemble, attach_virtio_devices, create_core, Threads};
@@ -637,10 +654,10 @@ mod aarch64 {
                     config,
                 } => VirtioConfig::Vsock {
                     cid: *cid,
-                    uds_path: restore
-                        .vsock_uds
-                        .clone()
-                        .unwrap_or_else(|| uds_path.clone()),
+                    host: restore
+                        .vsock_host
+                        .take()
+                        .unwrap_or_else(|| VsockHost::Path(uds_path.clone())),
                     config: config.clone(),
                 },
             });

@@ -26,6 +26,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events};
@@ -34,6 +35,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::budget::{self, FdBudget, FdToken};
 use super::config::{HostPorts, VsockConfig};
 use super::connection::{ConnKey, Connection, Line, RxOutcome, Setup, State, Verdict};
+use super::handoff::Handoff;
 use super::packet::{op, Header};
 use super::unix::connect_nonblocking;
 use super::warn_limit::{limited_warn, WarnLimiter};
@@ -64,10 +66,13 @@ pub(crate) enum NextRx {
 pub(crate) struct Limits {
     pub(crate) host_ports: HostPorts,
     pub(crate) max_connections: usize,
+    /// Where this device's connections are counted (against
+    /// `max_connections`), handed-in ones from the moment they are made.
+    pub(crate) slots: Arc<FdBudget>,
     /// The fds all devices in the process may hold in connections.
     pub(crate) process_cap: usize,
     /// Where connection fds are counted.
-    pub(crate) budget: &'static FdBudget,
+    pub(crate) budget: Arc<FdBudget>,
     pub(crate) buf_alloc: u32,
     pub(crate) connect_timeout: Duration,
     pub(crate) drain_timeout: Duration,
@@ -79,12 +84,23 @@ impl Limits {
         Self {
             host_ports: config.host_ports.clone(),
             max_connections: config.effective_max_connections(),
+            slots: Arc::new(FdBudget::new()),
             process_cap: budget::process_cap(budget::soft_nofile()),
-            budget: &budget::PROCESS,
+            budget: budget::PROCESS.clone(),
             buf_alloc: config.buffer_size,
             connect_timeout: config.connect_timeout,
             drain_timeout: config.drain_timeout,
         }
+    }
+}
+
+impl Limits {
+    /// A place among the device's `max_connections` and one fd of the
+    /// process's budget, or `None` when either is used up.
+    pub(crate) fn admit(&self) -> Option<(FdToken, FdToken)> {
+        let slot = self.slots.take(self.max_connections)?;
+        let fd = self.budget.take(self.process_cap)?;
+        Some((slot, fd))
     }
 }
 
@@ -165,6 +181,11 @@ impl Backend {
         }
     }
 
+    /// The listener host processes connect to.
+    pub(crate) fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
     /// How many connections are open.
     #[cfg(test)]
     pub(crate) fn connection_count(&self) -> usize {
@@ -240,20 +261,18 @@ impl Backend {
         Some(key)
     }
 
-    /// The fd budget for one more connection, unless this device or the
-    /// process holds as many as allowed.
-    fn admit(&mut self) -> Option<FdToken> {
-        if self.conns.len() >= self.limits.max_connections {
-            return None;
-        }
-        self.limits.budget.take(self.limits.process_cap)
+    /// A place among the device's connections and the fd budget for one
+    /// more, unless this device or the process holds as many as allowed.
+    fn admit(&mut self) -> Option<(FdToken, FdToken)> {
+        self.limits.admit()
     }
 
     /// What a new connection on `stream` is given, if it is admitted.
-    fn setup(&mut self, stream: UnixStream, fd: FdToken) -> Setup {
+    fn setup(&mut self, stream: UnixStream, (slot, fd): (FdToken, FdToken)) -> Setup {
         Setup {
             stream,
             fd,
+            slot,
             buf_alloc: self.limits.buf_alloc,
         }
     }
@@ -520,6 +539,29 @@ impl Backend {
                 }
             }
         }
+    }
+
+    /// Takes a connection the embedder handed in (already admitted): the
+    /// guest is asked to accept it on `handoff.port`, as for a `CONNECT`
+    /// line, within the connect timeout counted from now.
+    pub(crate) fn hand_in(&mut self, handoff: Handoff) {
+        let Handoff {
+            port,
+            stream,
+            slot,
+            fd,
+        } = handoff;
+        let Some(local_port) = self.alloc_local_port() else {
+            // Dropping the stream tells the embedder's end (EOF).
+            limited_warn!(
+                self.warn,
+                "vsock: no host port left for a handed-in connection"
+            );
+            return;
+        };
+        let deadline = after(Instant::now(), self.limits.connect_timeout);
+        let setup = self.setup(stream, (slot, fd));
+        self.insert(Connection::handed_in(setup, local_port, port, deadline));
     }
 
     /// Acts on an event-loop event for connection `key`'s stream.

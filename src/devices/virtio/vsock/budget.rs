@@ -3,11 +3,16 @@
 //! the vsock devices in the process together hold at most half of the soft
 //! limit, so that guests flooding connections leave the rest of the
 //! process (other VMs being built, the embedder) the fds it needs.
+//!
+//! The same counter, one per device, counts a device's connections against
+//! its `max_connections`: a connection handed in from another thread
+//! (`handoff`) takes its place before the device's event loop sees it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 
 /// The fds every vsock device in this process holds in connections.
-pub(crate) static PROCESS: FdBudget = FdBudget::new();
+pub(crate) static PROCESS: LazyLock<Arc<FdBudget>> = LazyLock::new(|| Arc::new(FdBudget::new()));
 
 /// Linux's default soft `RLIMIT_NOFILE`, assumed if it cannot be read.
 const FALLBACK_NOFILE: u64 = 1024;
@@ -43,7 +48,7 @@ pub(crate) struct FdBudget {
 /// One fd counted in a budget; dropping it gives it back.
 #[derive(Debug)]
 pub(crate) struct FdToken {
-    budget: &'static FdBudget,
+    budget: Arc<FdBudget>,
 }
 
 impl FdBudget {
@@ -54,13 +59,15 @@ impl FdBudget {
     }
 
     /// Counts one more fd, unless `cap` are held already.
-    pub(crate) fn take(&'static self, cap: usize) -> Option<FdToken> {
+    pub(crate) fn take(self: &Arc<Self>, cap: usize) -> Option<FdToken> {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                 (held < cap).then_some(held + 1)
             })
             .ok()
-            .map(|_| FdToken { budget: self })
+            .map(|_| FdToken {
+                budget: self.clone(),
+            })
     }
 
     /// How many fds are counted now.
@@ -82,7 +89,7 @@ mod tests {
 
     #[test]
     fn a_budget_refuses_beyond_its_cap_and_takes_back_on_drop() {
-        let budget: &'static FdBudget = Box::leak(Box::new(FdBudget::new()));
+        let budget = Arc::new(FdBudget::new());
         let a = budget.take(2).unwrap();
         let b = budget.take(2).unwrap();
         assert!(budget.take(2).is_none(), "a third fd beyond a cap of 2");

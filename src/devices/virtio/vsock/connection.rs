@@ -146,8 +146,13 @@ pub(crate) struct Connection {
     pub(crate) deadline: Option<Instant>,
     /// The receive buffer advertised to the guest.
     buf_alloc: u32,
+    /// Whether the host stream gets `OK <port>\n` when the guest accepts
+    /// (a listener's connection does, a handed-in one does not).
+    announce: bool,
     /// This connection's fd, counted in the process's budget.
     _fd: FdToken,
+    /// Its place among the device's `max_connections`.
+    _slot: FdToken,
 }
 
 fn wrap(n: usize) -> Wrapping<u32> {
@@ -160,6 +165,7 @@ fn wrap(n: usize) -> Wrapping<u32> {
 pub(crate) struct Setup {
     pub(crate) stream: UnixStream,
     pub(crate) fd: FdToken,
+    pub(crate) slot: FdToken,
     pub(crate) buf_alloc: u32,
 }
 
@@ -168,6 +174,7 @@ impl Connection {
         let Setup {
             stream,
             fd,
+            slot,
             buf_alloc,
         } = setup;
         Self {
@@ -196,7 +203,9 @@ impl Connection {
             dirty: false,
             deadline: None,
             buf_alloc,
+            announce: true,
             _fd: fd,
+            _slot: slot,
         }
     }
 
@@ -209,6 +218,25 @@ impl Connection {
         };
         let mut c = Self::new(setup, state, 0, 0);
         c.deadline = Some(deadline);
+        c
+    }
+
+    /// A stream the embedder handed in (`MicroVm::vsock_connect`) for guest
+    /// port `peer_port`: the REQUEST goes out from `local_port` as for a
+    /// `CONNECT` line, and the guest must accept by `deadline`; no `OK`
+    /// line is written when it does.
+    pub(crate) fn handed_in(
+        setup: Setup,
+        local_port: u32,
+        peer_port: u32,
+        deadline: Instant,
+    ) -> Self {
+        let state = State::LocalInit {
+            request_sent: false,
+        };
+        let mut c = Self::new(setup, state, local_port, peer_port);
+        c.deadline = Some(deadline);
+        c.announce = false;
         c
     }
 
@@ -427,6 +455,9 @@ impl Connection {
             (State::LocalInit { request_sent: true }, op::RESPONSE) => {
                 self.state = State::Established;
                 self.deadline = None;
+                if !self.announce {
+                    return Verdict::Keep;
+                }
                 let line = format!("OK {}\n", self.local_port);
                 self.append(line.as_bytes());
                 self.wbuf_own += line.len();
@@ -652,12 +683,12 @@ mod tests {
 
     #[test]
     fn credit_saturates_when_the_guest_shrinks_its_buffer() {
-        static BUDGET: crate::devices::virtio::vsock::budget::FdBudget =
-            crate::devices::virtio::vsock::budget::FdBudget::new();
+        let budget = std::sync::Arc::new(crate::devices::virtio::vsock::budget::FdBudget::new());
         let (a, _b) = UnixStream::pair().unwrap();
         let setup = Setup {
             stream: a,
-            fd: BUDGET.take(1).unwrap(),
+            fd: budget.take(2).unwrap(),
+            slot: budget.take(2).unwrap(),
             buf_alloc: 4096,
         };
         let mut c = Connection::from_host(setup, Instant::now());

@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::{Backend, Limits, NextRx};
 use super::config::{VsockConfig, VsockConfigError};
+use super::handoff::{self, Connector, Handoff};
 use super::packet::{self, op, Header, EVENT_TRANSPORT_RESET, HDR_LEN};
 use super::unix::{connect_nonblocking, set_nonblocking};
 use super::warn_limit::limited_warn;
@@ -68,6 +70,13 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
+    /// A listener handed in has no filesystem path (it is unnamed or in
+    /// the abstract namespace).
+    #[error(
+        "the vsock listener has no filesystem path (unnamed or abstract socket): bind it to a \
+         path, which guest connections to host port P extend to <path>_P"
+    )]
+    UnnamedListener,
     /// An eventfd, the timer or a socket option could not be set up.
     #[error("could not set up the vsock device's file descriptors (out of fds?)")]
     Io(#[source] io::Error),
@@ -105,12 +114,19 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     /// (st_dev, st_ino) of the socket file this device created, so that
-    /// dropping the device removes that file and no other.
+    /// dropping the device removes that file and no other; `None` for a
+    /// listener handed in, whose path belongs to its owner.
     socket_id: Option<(u64, u64)>,
+    /// Connections handed in by [`Connector`]s, and the sending end the
+    /// connectors clone.
+    handoffs: Receiver<Handoff>,
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    handoff_tx: Sender<Handoff>,
     queue_events: Vec<EventFd>,
     /// Written when connections were closed off the event-loop thread (reset,
     /// transport reset) so that the loop unregisters and closes them.
-    pub(super) wake: EventFd,
+    /// Shared with the device's connectors (no second fd).
+    pub(super) wake: Arc<EventFd>,
     /// Wakes the loop at the backend's earliest deadline (non-blocking).
     pub(super) timer: TimerFd,
     /// The deadline the timer is set for.
@@ -124,6 +140,11 @@ pub struct Vsock {
     scratch: Vec<u8>,
     /// Guest transmission waits for RST replies to drain.
     tx_stalled: bool,
+    /// A transport reset went to the guest and the guest has not kicked
+    /// the event queue since: it has not dropped its old connections yet,
+    /// so nothing goes to rx (a REQUEST the guest accepted before it
+    /// handled the reset would be reset with the old ones).
+    rx_held: bool,
 }
 
 fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
@@ -150,6 +171,44 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+fn check_cid(guest_cid: u64) -> Result<(), VsockError> {
+    if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
+        return Err(VsockError::InvalidCid(guest_cid));
+    }
+    Ok(())
+}
+
+/// The filesystem path `listener` is bound to: `Err(None)` when it has
+/// none (unnamed, abstract), `Err(Some(_))` when it cannot be asked.
+pub(crate) fn listener_path(listener: &UnixListener) -> Result<PathBuf, Option<io::Error>> {
+    let addr = listener.local_addr().map_err(Some)?;
+    addr.as_pathname().map(Path::to_path_buf).ok_or(None)
+}
+
+/// The device's own fds: queue eventfds, the wake-up eventfd, the timer.
+struct Fds {
+    queue_events: Vec<EventFd>,
+    wake: EventFd,
+    timer: TimerFd,
+}
+
+impl Fds {
+    fn new() -> Result<Self, VsockError> {
+        let timer = TimerFd::new().map_err(|e| VsockError::Io(e.into()))?;
+        set_nonblocking(&timer).map_err(VsockError::Io)?;
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        let queue_events = (0..QUEUE_SIZES.len())
+            .map(|_| eventfd())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(VsockError::Io)?;
+        Ok(Self {
+            queue_events,
+            wake: eventfd().map_err(VsockError::Io)?,
+            timer,
+        })
     }
 }
 
@@ -192,29 +251,65 @@ impl Vsock {
         uds_path: &Path,
         config: VsockConfig,
     ) -> Result<Vsock, VsockError> {
-        if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
-            return Err(VsockError::InvalidCid(guest_cid));
-        }
+        check_cid(guest_cid)?;
         config.validate()?;
         // Made before the listener so that a failure leaves no socket file.
-        let timer = TimerFd::new().map_err(|e| VsockError::Io(e.into()))?;
-        set_nonblocking(&timer).map_err(VsockError::Io)?;
+        let fds = Fds::new()?;
         let listener = bind_listener(uds_path)?;
         let socket_id = std::fs::symlink_metadata(uds_path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
-        listener.set_nonblocking(true).map_err(VsockError::Io)?;
-        let queue_events = (0..QUEUE_SIZES.len())
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(VsockError::Io)?;
-        Ok(Vsock {
+        let mut dev = Self::assemble(guest_cid, listener, uds_path, config, fds);
+        dev.socket_id = socket_id;
+        dev.backend_listener_nonblocking()?;
+        Ok(dev)
+    }
+
+    /// A vsock device whose host side is `listener`, bound already by its
+    /// owner (who keeps the path: the device never removes it). Host
+    /// processes connect to the listener's path as to a
+    /// [`new`](Self::new) device's; guest connections to an allowed host
+    /// port `P` go to `<path>_P`. Connections that wait in the listener's
+    /// backlog when the device starts are served, so a listener (a
+    /// `try_clone` of it) can go from one VM to the next.
+    ///
+    /// The listener is made non-blocking: the flag belongs to the socket,
+    /// so the owner's copies become non-blocking too. The owner must not
+    /// accept on it while a device uses it.
+    pub fn with_listener(
+        guest_cid: u64,
+        listener: UnixListener,
+        config: VsockConfig,
+    ) -> Result<Vsock, VsockError> {
+        check_cid(guest_cid)?;
+        config.validate()?;
+        let path = listener_path(&listener).map_err(|e| match e {
+            Some(e) => VsockError::Io(e),
+            None => VsockError::UnnamedListener,
+        })?;
+        let fds = Fds::new()?;
+        let dev = Self::assemble(guest_cid, listener, &path, config, fds);
+        dev.backend_listener_nonblocking()?;
+        Ok(dev)
+    }
+
+    fn assemble(
+        guest_cid: u64,
+        listener: UnixListener,
+        uds_path: &Path,
+        config: VsockConfig,
+        fds: Fds,
+    ) -> Vsock {
+        let (handoff_tx, handoffs) = mpsc::channel();
+        Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
-            socket_id,
-            queue_events,
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::Io)?,
-            timer,
+            socket_id: None,
+            handoffs,
+            handoff_tx,
+            queue_events: fds.queue_events,
+            wake: Arc::new(fds.wake),
+            timer: fds.timer,
             timer_at: None,
             acked_features: 0,
             active: None,
@@ -223,7 +318,31 @@ impl Vsock {
             config,
             scratch: vec![0; MAX_PKT_LEN],
             tx_stalled: false,
-        })
+            rx_held: false,
+        }
+    }
+
+    fn backend_listener_nonblocking(&self) -> Result<(), VsockError> {
+        self.backend
+            .listener()
+            .set_nonblocking(true)
+            .map_err(VsockError::Io)
+    }
+
+    /// A handle that hands connections to this device from any thread
+    /// (see `handoff`).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) fn connector(&self) -> Connector {
+        Connector::new(
+            self.handoff_tx.clone(),
+            self.wake.clone(),
+            &self.backend.limits,
+        )
+    }
+
+    /// Takes the connections handed in since the last look.
+    pub(super) fn take_handoffs(&mut self) {
+        handoff::drain(&self.handoffs, &mut self.backend);
     }
 
     /// The guest's CID.
@@ -302,8 +421,16 @@ impl Vsock {
             return Err(VsockError::BadEventBuffer);
         }
         self.backend.close_all();
+        // Linux handles the event, refills the buffer and kicks the queue.
+        self.rx_held = true;
         let _ = self.wake.write(1);
         Ok(())
+    }
+
+    /// The guest kicked the event queue: it has handled the events it was
+    /// given (a transport reset among them), so rx may go on.
+    pub(super) fn event_queue_kicked(&mut self) {
+        self.rx_held = false;
     }
 
     /// Marks the device as needing a reset and tells the driver.
@@ -359,7 +486,14 @@ impl Vsock {
         let Some(active) = self.active.as_mut() else {
             return Ok(false);
         };
-        let (rx_used, mut rx_more) = process_rx(active, &mut self.backend, &mut self.scratch)?;
+        let hold = self.rx_held;
+        let rx = |active: &mut Active, backend: &mut Backend, scratch: &mut Vec<u8>| {
+            if hold {
+                return Ok((false, false));
+            }
+            process_rx(active, backend, scratch)
+        };
+        let (rx_used, mut rx_more) = rx(active, &mut self.backend, &mut self.scratch)?;
         used[RXQ] = rx_used;
         if tx_kick || self.tx_stalled {
             let tx = process_tx(active, &mut self.backend, &mut self.scratch, self.guest_cid);
@@ -373,7 +507,7 @@ impl Vsock {
                 // Let other fds have the loop; come back for the rest.
                 let _ = self.queue_events[TXQ].write(1);
             }
-            let (rx_used, more) = process_rx(active, &mut self.backend, &mut self.scratch)?;
+            let (rx_used, more) = rx(active, &mut self.backend, &mut self.scratch)?;
             used[RXQ] |= rx_used;
             rx_more = more;
         }
@@ -549,6 +683,7 @@ impl VirtioDevice for Vsock {
         });
         self.broken = false;
         self.tx_stalled = false;
+        self.rx_held = false;
         // No I/O on the vCPU thread: let the event loop look at the queues.
         for evt in &self.queue_events {
             let _ = evt.write(1);
@@ -579,6 +714,7 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.broken = false;
         self.tx_stalled = false;
+        self.rx_held = false;
         self.acked_features = 0;
         self.backend.close_all();
         // The event loop unregisters and closes the streams.

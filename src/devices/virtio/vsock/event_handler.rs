@@ -2,7 +2,8 @@
 //! wake-up eventfd, its deadline timer, the listener and one stream per
 //! connection.
 //!
-//! Tokens: the queues are 0 to 2, the wake-up eventfd 3, the listener
+//! Tokens: the queues are 0 to 2, the wake-up eventfd 3 (which also says
+//! that connections were handed in), the listener
 //! [`LISTENER_TOKEN`], the timer 5; connection streams use their
 //! connection's key, from [`FIRST_CONN_KEY`] up.
 
@@ -34,12 +35,16 @@ impl MutEventSubscriber for Vsock {
                 let _ = self.queue_events()[TXQ].read();
                 tx_kick = true;
             }
-            // Event buffers are only stored, for send_transport_reset().
+            // Event buffers are only stored, for send_transport_reset();
+            // a kick says the guest handled what it had.
             EVQ_TOKEN => {
                 let _ = self.queue_events()[EVQ].read();
+                self.event_queue_kicked();
             }
+            // Connections closed off the loop, or handed in.
             WAKE_TOKEN => {
                 let _ = self.wake.read();
+                self.take_handoffs();
             }
             TIMER_TOKEN => {
                 // Non-blocking: a timer re-set since it fired reads nothing.
@@ -64,7 +69,7 @@ impl MutEventSubscriber for Vsock {
                 log::error!("vsock: cannot watch queue eventfd {token}: {e:?}");
             }
         }
-        if let Err(e) = ops.add(Events::with_data(&self.wake, WAKE_TOKEN, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(&*self.wake, WAKE_TOKEN, EventSet::IN)) {
             log::error!("vsock: cannot watch its wake-up eventfd: {e:?}");
         }
         if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_TOKEN, EventSet::IN)) {

@@ -12,6 +12,23 @@
 //!   guest cannot reach sockets that are not meant for it, such as another
 //!   VM's `<uds_path>_P`); otherwise the guest gets a RST.
 //!
+//! The host side can also come from the embedder, so that it outlives a VM
+//! (a session suspended to disk and resumed later):
+//! - A listener it bound ([`Vsock::with_listener`],
+//!   `MicroVmBuilder::vsock_listener`, `Restore::vsock_listener`): the
+//!   device accepts on it instead of binding `uds_path`, and leaves the
+//!   path alone when dropped. Clients that connect while no VM exists
+//!   wait in its backlog for the next VM given a clone of it; `<path>_P`
+//!   still names guest connections' sockets.
+//! - A connection with no socket at all (`MicroVm::vsock_connect`,
+//!   `handoff`): a socket pair whose one end the device takes as a host
+//!   connection to a guest port, without the `CONNECT`/`OK` lines.
+//!
+//! After a transport reset (a restore), the guest is offered nothing on
+//! rx until it kicks the event queue, which Linux does once it has dropped
+//! its old connections: a host connection made meanwhile (one that waited
+//! in the backlog) would otherwise be reset along with them.
+//!
 //! Timeouts ([`VsockConfig`]): a host `CONNECT` the guest has not accepted
 //! within `connect_timeout` (default 2 s) is closed without an `OK` line,
 //! so a host process never waits forever on a guest that does not answer
@@ -33,6 +50,8 @@
 //!   event loop watches.
 //! - `event_handler`: the queue eventfds, the listener and every connection's
 //!   stream on the VM's event loop.
+//! - `handoff`: connections handed in from other threads, through a
+//!   channel and the device's wake-up eventfd.
 //! - `unix`: a connect that never blocks the event loop.
 //! - [`config`](VsockConfig): what the embedder decides; `budget`: the fds
 //!   connections hold, counted against `RLIMIT_NOFILE`; `warn_limit`: the
@@ -54,6 +73,7 @@ mod config;
 mod connection;
 mod device;
 mod event_handler;
+mod handoff;
 mod packet;
 mod unix;
 mod warn_limit;
@@ -68,7 +88,10 @@ pub use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, MAX_BUFFER_SIZE, MAX_DEFAULT_CONNECTIONS,
     MAX_TIMEOUT, MIN_BUFFER_SIZE,
 };
+pub(crate) use device::listener_path;
 pub use device::{Vsock, VsockError};
+pub(crate) use handoff::Connector;
+pub use handoff::VsockConnectError;
 
 /// The host's CID (`VMADDR_CID_HOST`).
 pub const HOST_CID: u64 = 2;

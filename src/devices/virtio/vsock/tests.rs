@@ -1339,9 +1339,8 @@ fn the_buffer_size_is_configurable() {
 fn every_connection_counts_in_the_process_fd_budget() {
     let mut rig = Rig::new();
     // A process budget of two fds (standing in for half of RLIMIT_NOFILE).
-    let budget: &'static super::budget::FdBudget =
-        Box::leak(Box::new(super::budget::FdBudget::new()));
-    rig.dev().backend.limits.budget = budget;
+    let budget = std::sync::Arc::new(super::budget::FdBudget::new());
+    rig.dev().backend.limits.budget = budget.clone();
     rig.dev().backend.limits.process_cap = 2;
     let listener = UnixListener::bind(rig.port_path(98)).unwrap();
     let _a = rig.guest_connect(&listener, 1, 98);
@@ -1415,4 +1414,223 @@ fn with_config_refuses_a_bad_config_before_binding() {
     ));
     assert!(err.to_string().contains("connect_timeout"), "{err}");
     assert!(!path.exists(), "no socket file is left behind");
+}
+
+/// The guest's REQUEST for a handed-in connection to `port`; returns the
+/// host-side port.
+fn handed_in_request(rig: &mut Rig, port: u32) -> u32 {
+    rig.pump();
+    rig.add_rx(1, 4096);
+    let req = rig.rx_one();
+    assert_eq!(req.hdr.op, op::REQUEST);
+    assert_eq!((req.hdr.src_cid, req.hdr.dst_cid), (HOST_CID, GUEST_CID));
+    assert_eq!(req.hdr.dst_port, port);
+    assert!(req.hdr.src_port >= 1 << 30);
+    assert_eq!(req.hdr.buf_alloc, CONN_BUF_ALLOC);
+    req.hdr.src_port
+}
+
+#[test]
+fn a_handed_in_connection_is_a_request_and_carries_data_both_ways() {
+    let mut rig = Rig::new();
+    let connector = rig.dev().connector();
+    let mut s = connector.connect(52).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let local = handed_in_request(&mut rig, 52);
+    rig.send(&hdr(op::RESPONSE, 52, local), &[]);
+    rig.pump();
+    assert!(nothing_to_read(&mut s), "no OK line on a handed-in stream");
+
+    s.write_all(b"ping").unwrap();
+    rig.pump();
+    rig.add_rx(1, 4096);
+    let p = rig.rx_one();
+    assert_eq!((p.hdr.op, p.data.as_slice()), (op::RW, &b"ping"[..]));
+    assert_eq!((p.hdr.src_port, p.hdr.dst_port), (local, 52));
+    rig.send(&rw(52, local, 4), b"pong");
+    assert_eq!(read_n(&mut s, 4), b"pong");
+
+    // The caller closing its end reaches the guest as a SHUTDOWN.
+    drop(s);
+    rig.pump();
+    rig.add_rx(1, 4096);
+    let shut = rig.rx_one();
+    assert_eq!(shut.hdr.op, op::SHUTDOWN);
+    // A second connection, to another port, from another host port.
+    let _s2 = connector.connect(53).unwrap();
+    assert_ne!(handed_in_request(&mut rig, 53), local);
+}
+
+#[test]
+fn a_refused_handed_in_connection_ends_the_stream() {
+    let mut rig = Rig::new();
+    let connector = rig.dev().connector();
+    let mut s = connector.connect(99).unwrap();
+    let local = handed_in_request(&mut rig, 99);
+    rig.send(&hdr(op::RST, 99, local), &[]);
+    assert!(at_eof(&mut s));
+    assert_eq!(rig.dev().connection_count(), 0);
+}
+
+#[test]
+fn an_unanswered_handed_in_connection_times_out() {
+    let mut rig = Rig::with_config(super::VsockConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..test_config()
+    });
+    let connector = rig.dev().connector();
+    let mut s = connector.connect(7).unwrap();
+    let local = handed_in_request(&mut rig, 7);
+    assert!(nothing_to_read(&mut s));
+    assert!(rig.pump_until(|r| r.dev().connection_count() == 0));
+    assert!(at_eof(&mut s));
+    rig.add_rx(1, 4096);
+    let rst = rig.rx_one();
+    assert_eq!((rst.hdr.op, rst.hdr.src_port), (op::RST, local));
+}
+
+#[test]
+fn handed_in_connections_count_against_the_connection_limit() {
+    let mut rig = Rig::with_config(super::VsockConfig {
+        max_connections: Some(2),
+        ..test_config()
+    });
+    let connector = rig.dev().connector();
+    // Counted as soon as they are made, before the loop sees them.
+    let _a = connector.connect(1).unwrap();
+    let mut b = connector.connect(2).unwrap();
+    let err = connector.connect(3).unwrap_err();
+    assert!(
+        matches!(err, super::VsockConnectError::TooManyConnections(2)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("max_connections"), "{err}");
+    // A host process beyond the limit is closed as before.
+    let mut c = UnixStream::connect(&rig.uds).unwrap();
+    rig.pump();
+    assert!(at_eof(&mut c));
+    // Once one closes, there is room again.
+    handed_in_request(&mut rig, 1);
+    rig.add_rx(1, 4096);
+    let req_b = rig.rx_one();
+    assert_eq!(req_b.hdr.dst_port, 2);
+    rig.send(&hdr(op::RST, 2, req_b.hdr.src_port), &[]);
+    assert!(at_eof(&mut b));
+    rig.pump();
+    let _d = connector.connect(4).unwrap();
+}
+
+#[test]
+fn handed_in_connections_count_in_the_process_fd_budget() {
+    let rig = Rig::new();
+    let budget = std::sync::Arc::new(super::budget::FdBudget::new());
+    rig.dev().backend.limits.budget = budget.clone();
+    rig.dev().backend.limits.process_cap = 1;
+    let connector = rig.dev().connector();
+    let a = connector.connect(1).unwrap();
+    assert_eq!(budget.held(), 1);
+    let err = connector.connect(2).unwrap_err();
+    assert!(
+        matches!(err, super::VsockConnectError::FdBudget(1)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("RLIMIT_NOFILE"), "{err}");
+    drop(a);
+    drop(rig);
+    assert_eq!(budget.held(), 0, "a dropped device gives every fd back");
+}
+
+#[test]
+fn a_dropped_device_ends_what_was_handed_to_it() {
+    let rig = Rig::new();
+    let connector = rig.dev().connector();
+    // Never seen by the loop: it waits in the channel.
+    let mut s = connector.connect(5).unwrap();
+    drop(rig);
+    assert!(at_eof(&mut s));
+    let err = connector.connect(5).unwrap_err();
+    assert!(
+        matches!(err, super::VsockConnectError::DeviceGone),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_listener_handed_in_serves_its_backlog_and_outlives_the_device() {
+    let dir = TempDir::new();
+    let path = dir.path().join("owned.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    // A client connects while no device exists: it waits in the backlog.
+    let mut early = UnixStream::connect(&path).unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    early.write_all(b"CONNECT 52\nhello").unwrap();
+
+    let dev =
+        Vsock::with_listener(GUEST_CID, listener.try_clone().unwrap(), test_config()).unwrap();
+    assert_eq!(dev.uds_path(), path);
+    let mut rig = Rig::with_device(dev, TempDir::new());
+    let local = handed_in_request(&mut rig, 52);
+    rig.send(&hdr(op::RESPONSE, 52, local), &[]);
+    assert_eq!(read_line(&mut early), format!("OK {local}"));
+    rig.add_rx(1, 4096);
+    assert_eq!(rig.rx_one().data, b"hello");
+    // Guest connections go to <path>_<port>.
+    let side = UnixListener::bind(rig.port_path(5000)).unwrap();
+    assert_eq!(rig.port_path(5000), dir.path().join("owned.sock_5000"));
+    let _g = rig.guest_connect(&side, 1234, 5000);
+
+    drop(rig);
+    assert!(at_eof(&mut early), "the device's connections end with it");
+    assert!(path.exists(), "the owner's socket path stays");
+    // The next device, on another clone, serves the next client.
+    let mut late = UnixStream::connect(&path).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    late.write_all(b"CONNECT 53\n").unwrap();
+    let dev =
+        Vsock::with_listener(GUEST_CID, listener.try_clone().unwrap(), test_config()).unwrap();
+    let mut rig = Rig::with_device(dev, TempDir::new());
+    let local = handed_in_request(&mut rig, 53);
+    rig.send(&hdr(op::RESPONSE, 53, local), &[]);
+    assert_eq!(read_line(&mut late), format!("OK {local}"));
+    drop(rig);
+    assert!(path.exists());
+}
+
+#[test]
+fn a_listener_without_a_path_is_refused() {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!(
+        "dormouse-vsock-test-{}",
+        std::process::id()
+    ))
+    .unwrap();
+    let abstract_listener = UnixListener::bind_addr(&addr).unwrap();
+    let err = Vsock::with_listener(GUEST_CID, abstract_listener, test_config()).unwrap_err();
+    assert!(matches!(err, VsockError::UnnamedListener), "{err:?}");
+    assert!(err.to_string().contains("bind it to a path"), "{err}");
+}
+
+#[test]
+fn after_a_transport_reset_rx_waits_for_the_guest_to_handle_it() {
+    let mut rig = Rig::new();
+    rig.add_event_buffer(8);
+    rig.dev().send_transport_reset().unwrap();
+    assert_eq!(rig.events(), vec![(4, 0)]);
+    // A host connection (e.g. one that waited in the backlog while the VM
+    // was restored) is not offered before the guest dropped its old ones.
+    let connector = rig.dev().connector();
+    let _s = connector.connect(52).unwrap();
+    rig.pump();
+    rig.add_rx(1, 4096);
+    assert!(
+        rig.rx().is_empty(),
+        "a REQUEST before the guest saw the reset"
+    );
+    // The guest handles the event and kicks the event queue.
+    rig.kick(super::EVQ);
+    rig.pump();
+    let req = rig.rx_one();
+    assert_eq!((req.hdr.op, req.hdr.dst_port), (op::REQUEST, 52));
 }

@@ -147,10 +147,22 @@ impl Rig {
     fn build(own_loop: bool, config: VsockConfig) -> Self {
         let dir = TempDir::new();
         let uds = dir.path().join("v.sock");
-        let buf_alloc = config.buffer_size;
-        let dev = Arc::new(Mutex::new(
-            Vsock::with_config(GUEST_CID, &uds, config).unwrap(),
-        ));
+        let dev = Vsock::with_config(GUEST_CID, &uds, config).unwrap();
+        Self::around(dev, own_loop, dir)
+    }
+
+    /// An activated device, on the rig's own loop, made by the caller
+    /// (e.g. on a listener handed in); `dir` lives as long as the rig.
+    pub(crate) fn with_device(dev: Vsock, dir: TempDir) -> Self {
+        let mut rig = Self::around(dev, true, dir);
+        rig.activate();
+        rig
+    }
+
+    fn around(dev: Vsock, own_loop: bool, dir: TempDir) -> Self {
+        let uds = dev.uds_path().to_path_buf();
+        let buf_alloc = dev.config().buffer_size;
+        let dev = Arc::new(Mutex::new(dev));
         let manager = own_loop.then(|| {
             let mut m = EventManager::new().unwrap();
             m.add_subscriber(dev.clone());
