@@ -183,12 +183,6 @@ pub enum SessionError {
         /// What is wrong.
         reason: String,
     },
-    /// The guest refused a connection to one of its vsock ports.
-    #[error("the guest refused a connection to its vsock port {port}: is its service listening?")]
-    GuestPort {
-        /// The guest port.
-        port: u32,
-    },
     /// A configuration value is invalid.
     #[error("invalid session configuration: {0}")]
     Config(String),

@@ -847,7 +847,7 @@ impl Forward for Inner {
             .vm
             .as_ref()
             .ok_or_else(|| SessionError::Terminated(self.id.clone()))?;
-        let stream = super::vmm::connect(vm, &self.dir.join(VSOCK_SOCKET), port)?;
+        let stream = super::vmm::connect(vm, port)?;
         Ok((stream, resumed))
     }
 
