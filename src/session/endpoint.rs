@@ -230,6 +230,8 @@ pub(super) trait Forward: Send + Sync + 'static {
     fn guest_stream(&self, port: u32) -> Result<(UnixStream, bool), SessionError>;
     /// A client connection opened (`true`) or closed (`false`).
     fn connection(&self, open: bool);
+    /// A stream [`guest_stream`](Self::guest_stream) gave is done with.
+    fn guest_stream_closed(&self);
     /// Bytes went through.
     fn activity(&self, bytes: u64);
     /// The first byte from the guest reached a client whose connection
@@ -351,6 +353,7 @@ fn forward(mut client: Client, guest_port: u32, session: &dyn Forward) {
     }
     client.shutdown(std::net::Shutdown::Both);
     let _ = guest.shutdown(std::net::Shutdown::Both);
+    session.guest_stream_closed();
 }
 
 /// poll(2) for input (or hang-up) on `fds` for at most `timeout_ms`;

@@ -50,7 +50,7 @@ pub use image::{
 pub use root::{RootOptions, SessionRoot, DEFAULT_MERGE_AFTER, DEFAULT_TICK, LOCK_FILE};
 pub use session::{
     Session, SessionConfig, SessionInfo, SessionState, DEFAULT_MAX_LIFETIME, SESSION_FORMAT,
-    SESSION_RECORD,
+    SESSION_RECORD, SUSPEND_DRAIN,
 };
 
 /// Points in a suspend where [`test_hook_crash_during_suspend`] kills the

@@ -23,6 +23,9 @@ pub const SESSION_FORMAT: u32 = 1;
 pub const SESSION_RECORD: &str = "session.json";
 /// How long a session lives by default: 8 hours.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
+/// How long [`Session::suspend`] lets connections that reach the guest
+/// finish before it suspends anyway.
+pub const SUSPEND_DRAIN: Duration = Duration::from_secs(5);
 /// The vsock socket of a session's VM, in the session directory.
 const VSOCK_SOCKET: &str = "v.sock";
 
@@ -249,6 +252,10 @@ pub(super) struct Inner {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     filters: Arc<ThreadFilters>,
+    /// Streams to the guest that endpoint connections hold now.
+    active_streams: AtomicUsize,
+    /// Whether a suspend is draining: new guest streams wait for it.
+    draining: (Mutex<bool>, std::sync::Condvar),
 }
 
 /// A handle on one session; clones share it.
@@ -391,6 +398,8 @@ impl Session {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
             filters,
+            active_streams: AtomicUsize::new(0),
+            draining: (Mutex::new(false), std::sync::Condvar::new()),
         }))
     }
 
@@ -465,17 +474,32 @@ impl Session {
 
     /// Suspends a running session: pause, diff snapshot onto its chain
     /// (what it dirtied since its last snapshot, never its whole memory),
-    /// then the VM is dropped and its memory returns to the host. Endpoint
-    /// connections open now are closed (their guest side is gone); the
-    /// endpoints keep listening, and the next connection resumes it. A
+    /// then the VM is dropped and its memory returns to the host.
+    ///
+    /// Endpoint connections that reach the guest now get up to
+    /// [`SUSPEND_DRAIN`] to finish; connections that arrive from now on
+    /// are held and served once the session resumes, so a request racing
+    /// a suspend is answered, not lost. A connection still open after the
+    /// drain is closed (its guest side is gone). The endpoints keep
+    /// listening, and the next connection resumes the session. A
     /// suspended session is left as is.
     pub fn suspend(&self) -> Result<(), SessionError> {
-        let mut slot = self.0.lock();
-        match slot.state {
-            SessionState::Running => self.0.suspend_locked(&mut slot, "asked"),
-            SessionState::Suspended => Ok(()),
-            SessionState::Terminated => Err(SessionError::Terminated(self.0.id.clone())),
+        let inner = &self.0;
+        inner.set_draining(true);
+        let deadline = Instant::now() + SUSPEND_DRAIN;
+        while inner.active_streams.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let result = {
+            let mut slot = inner.lock();
+            match slot.state {
+                SessionState::Running => inner.suspend_locked(&mut slot, "asked"),
+                SessionState::Suspended => Ok(()),
+                SessionState::Terminated => Err(SessionError::Terminated(inner.id.clone())),
+            }
+        };
+        inner.set_draining(false);
+        result
     }
 
     /// Resumes a suspended session from its chain; a running one is left
@@ -584,6 +608,33 @@ fn remove_uncommitted(dir: &Path, chain: &[String]) {
 }
 
 impl Inner {
+    fn set_draining(&self, on: bool) {
+        let (lock, cvar) = &self.draining;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        if !on {
+            cvar.notify_all();
+        }
+    }
+
+    /// Waits while a suspend drains (bounded: the drain ends by itself).
+    fn wait_for_drain(&self) {
+        let (lock, cvar) = &self.draining;
+        let mut draining = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + SUSPEND_DRAIN + Duration::from_secs(60);
+        while *draining && !self.stopping() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            draining = match cvar
+                .wait_timeout(draining, (deadline - now).min(Duration::from_millis(100)))
+            {
+                Ok((d, _)) => d,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Slot> {
         // A panic while holding the slot leaves a state we still report
         // and can terminate: take it as is.
@@ -830,6 +881,8 @@ impl Inner {
 
 impl Forward for Inner {
     fn guest_stream(&self, port: u32) -> Result<(UnixStream, bool), SessionError> {
+        // Held while a suspend drains, then served by the resumed session.
+        self.wait_for_drain();
         let mut slot = self.lock();
         if self.stopping() {
             return Err(SessionError::Terminated(self.id.clone()));
@@ -848,6 +901,7 @@ impl Forward for Inner {
             .as_ref()
             .ok_or_else(|| SessionError::Terminated(self.id.clone()))?;
         let stream = super::vmm::connect(vm, port)?;
+        self.active_streams.fetch_add(1, Ordering::AcqRel);
         Ok((stream, resumed))
     }
 
@@ -858,6 +912,10 @@ impl Forward for Inner {
             self.open_conns.fetch_sub(1, Ordering::AcqRel);
         }
         self.touch();
+    }
+
+    fn guest_stream_closed(&self) {
+        self.active_streams.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn activity(&self, bytes: u64) {
