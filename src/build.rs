@@ -52,6 +52,7 @@ mod aarch64 {
     use crate::devices::virtio::block::Block;
     use crate::devices::virtio::net::Net;
     use crate::devices::virtio::vsock::Vsock;
+    use crate::devices::vmgenid::VMGENID_LEN;
     use crate::memory::{self, GuestMemoryMmap};
     use crate::microvm::RunState;
     use crate::seccomp::{SeccompPolicy, ThreadFilters};
@@ -275,6 +276,7 @@ mod aarch64 {
             vsock: devices.vsock,
             config,
             _vm: core.vm,
+            vmgenid: devices.vmgenid.map(|(device, _)| device),
             memory: core.memory,
         })
     }
@@ -305,6 +307,12 @@ mod aarch64 {
             &core.memory,
             std::mem::take(&mut config.virtio),
         )?;
+
+        if config.vmgenid {
+            let mut id = [0u8; VMGENID_LEN];
+            vm::host_random(&mut id).map_err(Error::Host)?;
+            devices.attach_vmgenid(&core.vm, &core.memory, id, None)?;
+        }
 
         for (base, len, device) in std::mem::take(&mut config.test_hooks.mmio) {
             devices.bus.insert(base, len, device)?;
@@ -371,6 +379,7 @@ mod aarch64 {
                 .ok_or(Error::Internal("the console UART was not attached"))?,
             rtc: devices.rtc.as_ref().map(|(_, info)| *info),
             virtio: devices.virtio.clone(),
+            vmgenid: devices.vmgenid.as_ref().map(|(_, info)| *info),
             rng_seed,
             kaslr_seed: u64::from_le_bytes(kaslr_seed),
         })

@@ -55,6 +55,13 @@ pub enum ConfigError {
     /// More virtio devices than the memory map has slots for.
     #[error("{0} virtio devices asked for; the memory map has room for {MAX_VIRTIO_DEVICES}")]
     TooManyDevices(usize),
+    /// Every GIC interrupt line is taken by virtio devices, so none is left
+    /// for the VM generation ID device.
+    #[error(
+        "{0} virtio devices take every interrupt line, leaving none for the VM generation ID \
+         device: use fewer devices, or turn it off with .vmgenid(false)"
+    )]
+    NoSpiForVmGenId(usize),
     /// A device's rate limits cannot work.
     #[error("{device}: {source}")]
     RateLimiter {
@@ -295,6 +302,7 @@ pub struct MicroVmBuilder {
     pub(crate) rtc: bool,
     pub(crate) dirty_tracking: bool,
     pub(crate) dirty_ring: bool,
+    pub(crate) vmgenid: bool,
     pub(crate) virtio: Vec<VirtioConfig>,
     pub(crate) kvm_device: PathBuf,
     pub(crate) test_hooks: TestHooks,
@@ -341,6 +349,7 @@ impl Default for MicroVmBuilder {
             rtc: true,
             dirty_tracking: false,
             dirty_ring: true,
+            vmgenid: true,
             virtio: Vec::new(),
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             test_hooks: TestHooks::default(),
@@ -427,6 +436,17 @@ impl MicroVmBuilder {
     /// always its per-slot bitmap log.
     pub fn dirty_ring(mut self, prefer_ring: bool) -> Self {
         self.dirty_ring = prefer_ring;
+        self
+    }
+
+    /// Whether the VM has a VM generation ID device (`microsoft,vmgenid`
+    /// in the device tree; default: yes). Its 16-byte ID is random at
+    /// boot, and every restore of a snapshot of the VM writes a new one and
+    /// interrupts the guest, whose kernel (Linux 6.10+) then reseeds its
+    /// RNG: clones of one snapshot stop sharing random numbers. See
+    /// [`MicroVm::generation_id`].
+    pub fn vmgenid(mut self, enabled: bool) -> Self {
+        self.vmgenid = enabled;
         self
     }
 
@@ -589,6 +609,9 @@ impl MicroVmBuilder {
     fn validate_devices(&self) -> Result<(), ConfigError> {
         if self.virtio.len() as u64 > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(self.virtio.len()));
+        }
+        if self.vmgenid && crate::device_manager::free_spis(self.virtio.len()).is_empty() {
+            return Err(ConfigError::NoSpiForVmGenId(self.virtio.len()));
         }
         let mut vsocks = self.virtio.iter().filter_map(|d| match d {
             VirtioConfig::Vsock { cid, host, config } => Some((*cid, host, config)),
@@ -878,6 +901,35 @@ mod tests {
             "{e:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vmgenid_is_on_by_default_and_needs_a_free_interrupt() {
+        assert!(valid().vmgenid);
+        assert!(!valid().vmgenid(false).vmgenid);
+        let err = |b: MicroVmBuilder| match b.validate() {
+            Err(Error::Config(e)) => e,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        let mut full = valid();
+        for i in 0..MAX_VIRTIO_DEVICES {
+            full = full.block(format!("/disk{i}"), false);
+        }
+        let n = full.virtio.len();
+        let e = err(full);
+        assert_eq!(e, ConfigError::NoSpiForVmGenId(n));
+        assert!(e.to_string().contains(".vmgenid(false)"), "{e}");
+        // Without the device, the same devices fit; one fewer fits with it.
+        let mut without = valid().vmgenid(false);
+        let mut one_fewer = valid();
+        for i in 0..MAX_VIRTIO_DEVICES {
+            without = without.block(format!("/disk{i}"), false);
+            if i > 0 {
+                one_fewer = one_fewer.block(format!("/disk{i}"), false);
+            }
+        }
+        without.validate().unwrap();
+        one_fewer.validate().unwrap();
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::devices::rtc::{RtcDevice, RtcSnapshot, RTC_SIZE};
 use crate::devices::serial::{SerialDevice, SerialOutput, SerialSnapshot};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE, QUEUE_NOTIFY};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdSnapshot, VMGENID_LEN};
 use crate::devices::{EventFdTrigger, StateError};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::memory::GuestMemoryMmap;
@@ -71,6 +72,9 @@ pub enum DeviceError {
     /// The event loop could not start.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The VM generation ID device could not be created.
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
 }
 
 /// The most virtio devices the layout (MMIO slots) and the vGIC (SPIs) hold.
@@ -84,6 +88,15 @@ pub const MAX_VIRTIO_DEVICES: u64 = {
         spis
     }
 };
+
+/// The SPIs a VM with `virtio` virtio devices leaves free (after the
+/// UART's and theirs): where the VM generation ID device's interrupt may
+/// go.
+pub fn free_spis(virtio: usize) -> std::ops::Range<u32> {
+    let used = u32::try_from(virtio).map_or(u32::MAX, |n| n.saturating_add(FIRST_VIRTIO_SPI));
+    let end = layout::GIC_NR_IRQS - 32;
+    used.min(end)..end
+}
 
 /// Devices attached so far, and how the device tree describes them.
 pub struct DeviceManager {
@@ -100,6 +113,8 @@ pub struct DeviceManager {
     /// Hands connections to the vsock device, once attached.
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     pub(crate) vsock: Option<crate::devices::virtio::vsock::Connector>,
+    /// The VM generation ID device and its description, once attached.
+    pub vmgenid: Option<(VmGenId, MmioDeviceInfo)>,
     subscribers: Vec<(String, Subscriber)>,
 }
 
@@ -128,6 +143,7 @@ impl DeviceManager {
             virtio: Vec::new(),
             transports: Vec::new(),
             vsock: None,
+            vmgenid: None,
             subscribers: Vec::new(),
         }
     }
@@ -243,6 +259,46 @@ impl DeviceManager {
         Ok(device)
     }
 
+    /// Attaches the VM generation ID device holding `id`: its page as a
+    /// read-only memory slot after guest RAM's, at the layout's address and
+    /// on the first free SPI, or where `saved` (a snapshot's, already
+    /// validated) says the guest found it. Attach it after the virtio
+    /// devices. The caller raises its interrupt when the ID changes.
+    pub fn attach_vmgenid(
+        &mut self,
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+        id: [u8; VMGENID_LEN],
+        saved: Option<&VmGenIdSnapshot>,
+    ) -> Result<(), DeviceError> {
+        use vm_memory::GuestMemoryBackend as _;
+
+        let (addr, spi) = match saved {
+            Some(s) => (GuestAddress(s.addr), s.spi),
+            None => {
+                // The builder refuses this first
+                // (ConfigError::NoSpiForVmGenId).
+                let spi = free_spis(self.virtio.len())
+                    .next()
+                    .ok_or(DeviceError::OutOfSlots {
+                        max: MAX_VIRTIO_DEVICES,
+                    })?;
+                (layout::VMGENID_START, spi)
+            }
+        };
+        let device = VmGenId::new(addr, spi, id)?;
+        // Guest RAM's regions take slots 0..n.
+        let slot = u32::try_from(memory.num_regions()).map_err(|_| VmError::TooManyRegions)?;
+        vm::register_device_page(vm, slot, addr, device.page())?;
+        let info = MmioDeviceInfo {
+            base: addr,
+            size: layout::VMGENID_SIZE,
+            spi: Some(spi),
+        };
+        self.vmgenid = Some((device, info));
+        Ok(())
+    }
+
     /// Adds a subscriber of the caller's to the event loop (test hooks).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     pub(crate) fn add_subscriber(&mut self, name: String, subscriber: Subscriber) {
@@ -260,5 +316,21 @@ impl DeviceManager {
             std::mem::take(&mut self.subscribers),
             filters,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_free_spis_follow_the_virtio_devices() {
+        assert_eq!(free_spis(0), 1..96);
+        assert_eq!(free_spis(3), 4..96);
+        // Every SPI taken: none left, not a wrapped range.
+        let all = usize::try_from(MAX_VIRTIO_DEVICES).unwrap();
+        assert!(free_spis(all).is_empty());
+        assert!(free_spis(usize::MAX).is_empty());
+        assert!(!free_spis(all - 1).is_empty());
     }
 }

@@ -99,6 +99,9 @@ pub struct MicroVm {
     pub(crate) vsock: Option<Connector>,
     pub(crate) config: SavedConfig,
     pub(crate) _vm: VmFd,
+    /// The VM generation ID device: its page is a memory slot of the VM
+    /// fd above, so it goes after it.
+    pub(crate) vmgenid: Option<crate::devices::vmgenid::VmGenId>,
     pub(crate) memory: GuestMemoryMmap,
 }
 
@@ -137,6 +140,13 @@ impl MicroVm {
     /// of it records).
     pub fn config(&self) -> &SavedConfig {
         &self.config
+    }
+
+    /// The VM generation ID the guest reads (`microsoft,vmgenid`), if the
+    /// VM has the device ([`MicroVmBuilder::vmgenid`]): random at boot, and
+    /// new after every restore.
+    pub fn generation_id(&self) -> Option<[u8; 16]> {
+        self.vmgenid.as_ref().map(|g| g.id())
     }
 
     /// How dirty pages are tracked, if they are: KVM's ring where the host

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemoryMmap;
@@ -148,6 +149,32 @@ pub fn register_memory(
             .map_err(|source| VmError::SetMemoryRegion { slot, source })?;
     }
     Ok(())
+}
+
+/// Maps a device's page of host memory into the guest at `guest_addr` as
+/// memory slot `slot`, read-only: guest reads go straight to the page (no
+/// exit), guest writes exit as MMIO. Not dirty-logged: it is not guest RAM.
+pub fn register_device_page(
+    vm: &VmFd,
+    slot: u32,
+    guest_addr: GuestAddress,
+    page: &MmapRegion<()>,
+) -> Result<(), VmError> {
+    let mem_region = kvm_userspace_memory_region {
+        slot,
+        flags: kvm_bindings::KVM_MEM_READONLY,
+        guest_phys_addr: guest_addr.0,
+        memory_size: page.size() as u64,
+        userspace_addr: page.as_ptr() as u64,
+    };
+    // SAFETY: `page` is a live host mapping of exactly `memory_size` bytes.
+    // Its owner (the device, held by `MicroVm`) is dropped after the VM fd,
+    // so KVM never outlives the mapping it was given; were it to, KVM only
+    // reaches the mapping through the process's page tables, so no memory
+    // outside this process could be touched. The slot is read-only, so the
+    // guest cannot change the page.
+    unsafe { vm.set_user_memory_region(mem_region) }
+        .map_err(|source| VmError::SetMemoryRegion { slot, source })
 }
 
 /// Fills `buf` from the host's RNG (getrandom(2)).

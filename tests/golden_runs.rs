@@ -304,7 +304,10 @@ fn to_1_0(state: &snapshot::VmState) -> v1_0::VmState {
         serial,
         rtc,
         virtio,
+        vmgenid,
     } = state.clone();
+    // Format 1.0 has no VM generation ID device: the generator's VM has none.
+    assert!(vmgenid.is_none(), "a 1.0 snapshot cannot hold a VMGenID device");
     let SavedConfig {
         memory_size,
         vcpus: vcpu_count,
@@ -461,6 +464,8 @@ fn golden_runs_todays_vm_converted_to_every_golden_format_runs() {
         .vcpus(VCPUS)
         .memory_mib(MEMORY_MIB)
         .dirty_tracking(true)
+        // What formats 1.0 and 1.1 can hold.
+        .vmgenid(false)
         .vsock_with(
             DEFAULT_GUEST_CID,
             tmp.0.join("boot.vsock"),

@@ -65,6 +65,7 @@ fn state() -> VmState {
         },
         rtc: None,
         virtio: Vec::new(),
+        vmgenid: None,
     }
 }
 
@@ -733,4 +734,55 @@ fn a_fifo_as_a_disk_is_refused_without_blocking() {
         matches!(&result, Err(BlockError::NotADisk { path }) if *path == fifo),
         "{result:?}"
     );
+}
+
+#[test]
+fn a_vmgenid_page_saved_outside_the_free_holes_is_refused() {
+    use dormouse::arch::aarch64::layout::VMGENID_START;
+    use dormouse::devices::vmgenid::VmGenIdSnapshot;
+
+    let mut good = state();
+    good.vmgenid = Some(VmGenIdSnapshot {
+        addr: VMGENID_START.0,
+        spi: 1,
+        id: [9; 16],
+    });
+    good.validate().unwrap();
+    // In guest RAM, on the UART, unaligned.
+    for addr in [DRAM_START.0, 0x1000_0000, VMGENID_START.0 + 8] {
+        let mut s = good.clone();
+        s.vmgenid.as_mut().unwrap().addr = addr;
+        let d = snapshot_dir(&format!("genaddr{addr:x}"), &s);
+        let e = restore_error(&snap(&d));
+        assert!(
+            matches!(e, SnapshotError::VmGenIdAddress(a) if a == addr),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("restore another snapshot"), "{e}");
+    }
+}
+
+#[test]
+fn a_vmgenid_interrupt_saved_on_another_device_is_refused() {
+    use dormouse::arch::aarch64::layout::VMGENID_START;
+    use dormouse::devices::vmgenid::VmGenIdSnapshot;
+
+    let mut s = state_with_devices();
+    // Three virtio devices take SPIs 1..=3 (the UART SPI 0); 4 is free,
+    // 96 is past the vGIC's 96 SPIs.
+    s.vmgenid = Some(VmGenIdSnapshot {
+        addr: VMGENID_START.0,
+        spi: 4,
+        id: [9; 16],
+    });
+    s.validate().unwrap();
+    for spi in [0, 1, 3, 96, u32::MAX] {
+        s.vmgenid.as_mut().unwrap().spi = spi;
+        let d = snapshot_dir(&format!("genspi{spi}"), &s);
+        let e = restore_error(&snap(&d));
+        assert!(
+            matches!(e, SnapshotError::VmGenIdSpi { spi: got, virtio: 3 } if got == spi),
+            "{e:?}"
+        );
+    }
 }

@@ -1,8 +1,9 @@
 //! Golden state files: a file written by an older dormouse keeps loading.
 //!
 //! `tests/golden/v1_0/state` was written by the format 1.0 encoder (before
-//! any serialized struct changed) from [`state_1_0`]. It is never
-//! regenerated: a build that cannot read it has broken every 1.0 snapshot
+//! any serialized struct changed) from [`state_1_0`], `v1_1/state` by the
+//! 1.1 encoder from [`state_1_1`], `v1_2/state` by the 1.2 encoder from
+//! [`state_1_2`]. None is ever regenerated: a build that cannot read it has broken every 1.0 snapshot
 //! users have on disk. When a minor version adds fields, the expected
 //! state below gains them with the defaults the 1.0 conversion gives
 //! (`src/snapshot/compat.rs`); see docs/snapshot-format.md.
@@ -14,10 +15,11 @@ use dormouse::devices::rtc::RtcSnapshot;
 use dormouse::devices::serial::SerialSnapshot;
 use dormouse::devices::virtio::mmio::{SavedQueue, TransportState};
 use dormouse::devices::virtio::vsock::{HostPorts, VsockConfig};
+use dormouse::devices::vmgenid::VmGenIdSnapshot;
 use dormouse::rate_limiter::{
     RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState,
 };
-use dormouse::snapshot::compat::v1_0;
+use dormouse::snapshot::compat::{v1_0, v1_1};
 use dormouse::snapshot::{
     format, MemoryRegionState, SavedConfig, SavedDevice, SnapshotId, VmState,
 };
@@ -28,6 +30,9 @@ const GOLDEN_1_0: &[u8] = include_bytes!("golden/v1_0/state");
 /// `tests/golden/v1_1/state`, written by the format 1.1 encoder from
 /// [`state_1_1`].
 const GOLDEN_1_1: &[u8] = include_bytes!("golden/v1_1/state");
+/// `tests/golden/v1_2/state`, written by the format 1.2 encoder from
+/// [`state_1_2`].
+const GOLDEN_1_2: &[u8] = include_bytes!("golden/v1_2/state");
 
 fn queue(n: u16) -> SavedQueue {
     SavedQueue {
@@ -160,6 +165,8 @@ fn state_1_0() -> VmState {
             ris: 0,
         }),
         virtio: vec![transport(2, 1), transport(1, 2), transport(19, 3)],
+        // Added in 1.2: 1.0 VMs had no VM generation ID device.
+        vmgenid: None,
     }
 }
 
@@ -192,14 +199,13 @@ fn the_frozen_1_0_structs_reencode_the_golden_file_byte_for_byte() {
     assert_eq!(VmState::from(old), state_1_0());
 }
 
-/// A state this build writes reads back as itself. While the format is 1.0
-/// this goes through the frozen 1.0 structs: a serialized struct changed
-/// without a minor bump (and its 1.0 conversion) fails here.
+/// A state this build writes reads back as itself.
 #[test]
 fn a_state_this_build_writes_reads_back_unchanged() {
-    let state = state_1_0();
-    let bytes = format::encode(&state).unwrap();
-    assert_eq!(format::decode(&bytes).unwrap(), state);
+    for state in [state_1_0(), state_1_2()] {
+        let bytes = format::encode(&state).unwrap();
+        assert_eq!(format::decode(&bytes).unwrap(), state);
+    }
 }
 
 /// The state in `tests/golden/v1_1/state`: [`state_1_0`] with every field
@@ -281,9 +287,52 @@ fn state_1_1() -> VmState {
 fn the_format_1_1_golden_file_decodes_to_its_state() {
     let header = format::Header::parse(GOLDEN_1_1).unwrap();
     assert_eq!((header.major, header.minor), (1, 1));
+    // Added in 1.2: 1.1 VMs had no VM generation ID device.
+    assert_eq!(state_1_1().vmgenid, None);
     assert_eq!(format::decode(GOLDEN_1_1).unwrap(), state_1_1());
-    // This build writes 1.1 byte for byte as the file holds it.
-    assert_eq!(format::encode(&state_1_1()).unwrap(), GOLDEN_1_1);
+}
+
+#[test]
+fn the_frozen_1_1_structs_reencode_the_golden_file_byte_for_byte() {
+    let (_, payload) = format::check(GOLDEN_1_1).unwrap();
+    let old: v1_1::VmState = postcard::from_bytes(payload).unwrap();
+    assert_eq!(format::encode_version(&old, 1).unwrap(), GOLDEN_1_1);
+    assert_eq!(VmState::from(old), state_1_1());
+}
+
+#[test]
+fn the_format_1_1_golden_file_restores_through_read_state() {
+    let dir = std::env::temp_dir().join(format!("dormouse-golden11-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(dormouse::snapshot::STATE_FILE), GOLDEN_1_1).unwrap();
+    let state = dormouse::snapshot::read_state(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(state.unwrap(), state_1_1());
+}
+
+/// The state in `tests/golden/v1_2/state`: [`state_1_1`] with the VM
+/// generation ID device 1.2 added (its page where the layout puts it, the
+/// first SPI after the three virtio devices').
+fn state_1_2() -> VmState {
+    let mut state = state_1_1();
+    state.id = SnapshotId(*b"golden-v1.2-id!!");
+    state.vmgenid = Some(VmGenIdSnapshot {
+        addr: 0x0d00_0000,
+        spi: 4,
+        id: *b"golden-v1.2-gen!",
+    });
+    state
+}
+
+#[test]
+fn the_format_1_2_golden_file_decodes_to_its_state() {
+    let header = format::Header::parse(GOLDEN_1_2).unwrap();
+    assert_eq!((header.major, header.minor), (1, 2));
+    assert_eq!(format::decode(GOLDEN_1_2).unwrap(), state_1_2());
+    state_1_2().validate().unwrap();
+    // This build writes 1.2 byte for byte as the file holds it.
+    assert_eq!(format::encode(&state_1_2()).unwrap(), GOLDEN_1_2);
 }
 
 // The runnable goldens (tests/golden_runs.rs restores and runs them in the

@@ -81,6 +81,7 @@ fn state(id: u8, parent: Option<u8>, runs: Option<Vec<(u64, u64)>>) -> VmState {
         },
         rtc: None,
         virtio: Vec::new(),
+        vmgenid: None,
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
+pub mod vmgenid;
 
 use std::io;
 

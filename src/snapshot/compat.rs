@@ -27,6 +27,8 @@
 //!   any host port, as 1.0 builds allowed; the other limits at their
 //!   defaults), and `TransportState` its rate limiters' budgets (1.0: none
 //!   saved, the buckets start full).
+//! - 1.2: `VmState` gained `vmgenid`, the VM generation ID device's address,
+//!   interrupt and ID (1.0 and 1.1: `None`, the VM has no such device).
 
 use super::format::{MAJOR, MINOR};
 use super::{SnapshotError, VmState};
@@ -36,6 +38,7 @@ use super::{SnapshotError, VmState};
 pub fn decode_payload(minor: u16, payload: &[u8]) -> Result<VmState, SnapshotError> {
     match minor {
         0 => v1_0::decode(payload),
+        1 => v1_1::decode(payload),
         m if m == MINOR => postcard::from_bytes(payload).map_err(SnapshotError::Decode),
         m => Err(SnapshotError::UnsupportedVersion {
             file: (MAJOR, m),
@@ -290,6 +293,84 @@ pub mod v1_0 {
                 serial,
                 rtc,
                 virtio: virtio.into_iter().map(Into::into).collect(),
+                // 1.0 VMs had no VM generation ID device.
+                vmgenid: None,
+            }
+        }
+    }
+}
+
+/// Format 1.1's serialized structs, frozen: only [`VmState`](v1_1::VmState)
+/// changed after 1.1; everything it holds is shared with the current
+/// format.
+pub mod v1_1 {
+    use serde::{Deserialize, Serialize};
+
+    use crate::arch::aarch64::state::{GicState, VcpuState};
+    use crate::devices::rtc::RtcSnapshot;
+    use crate::devices::serial::SerialSnapshot;
+    use crate::devices::virtio::mmio::TransportState;
+    use crate::snapshot::{MemoryRegionState, SavedConfig, SnapshotError, SnapshotId};
+
+    /// Format 1.1's [`crate::snapshot::VmState`].
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct VmState {
+        /// This snapshot's identity.
+        pub id: SnapshotId,
+        /// For a diff, the snapshot it was taken on top of.
+        pub parent: Option<SnapshotId>,
+        /// For a diff, per memory region, its runs of pages.
+        pub diff: Option<Vec<Vec<(u64, u64)>>>,
+        /// How to rebuild the VM.
+        pub config: SavedConfig,
+        /// The guest RAM layout in the memory file.
+        pub memory: Vec<MemoryRegionState>,
+        /// Each vCPU, in order.
+        pub vcpus: Vec<VcpuState>,
+        /// The vGICv3.
+        pub gic: GicState,
+        /// The console UART.
+        pub serial: SerialSnapshot,
+        /// The RTC, if the VM has one.
+        pub rtc: Option<RtcSnapshot>,
+        /// Each virtio transport, in slot order.
+        pub virtio: Vec<TransportState>,
+    }
+
+    /// Decodes a format 1.1 payload into this build's state.
+    pub fn decode(payload: &[u8]) -> Result<crate::snapshot::VmState, SnapshotError> {
+        let old: VmState = postcard::from_bytes(payload).map_err(SnapshotError::Decode)?;
+        Ok(old.into())
+    }
+
+    // Names every field on both sides, as v1_0's conversions do.
+    impl From<VmState> for crate::snapshot::VmState {
+        fn from(old: VmState) -> Self {
+            let VmState {
+                id,
+                parent,
+                diff,
+                config,
+                memory,
+                vcpus,
+                gic,
+                serial,
+                rtc,
+                virtio,
+            } = old;
+            Self {
+                id,
+                parent,
+                diff,
+                config,
+                memory,
+                vcpus,
+                gic,
+                serial,
+                rtc,
+                virtio,
+                // 1.1 VMs had no VM generation ID device.
+                vmgenid: None,
             }
         }
     }
@@ -311,6 +392,14 @@ mod tests {
     fn a_payload_that_is_not_a_1_0_state_is_a_decode_error() {
         assert!(matches!(
             decode_payload(0, &[0xff; 3]),
+            Err(SnapshotError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn a_payload_that_is_not_a_1_1_state_is_a_decode_error() {
+        assert!(matches!(
+            decode_payload(1, &[0xff; 3]),
             Err(SnapshotError::Decode(_))
         ));
     }

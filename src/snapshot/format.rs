@@ -26,7 +26,7 @@ pub const MAGIC: [u8; 8] = *b"DMSNAPST";
 /// The format's major version: bumped by changes old readers cannot read.
 pub const MAJOR: u16 = 1;
 /// The format's minor version.
-pub const MINOR: u16 = 1;
+pub const MINOR: u16 = 2;
 /// The header's size in bytes.
 pub const HEADER_LEN: usize = 64;
 /// The architecture code for aarch64.

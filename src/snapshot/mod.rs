@@ -42,6 +42,7 @@ use crate::arch::aarch64::state::{GicState, VcpuState};
 use crate::devices::rtc::RtcSnapshot;
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportState;
+use crate::devices::vmgenid::VmGenIdSnapshot;
 use crate::rate_limiter::RateLimiterConfig;
 
 /// The state file's name inside a snapshot directory.
@@ -199,6 +200,25 @@ pub enum SnapshotError {
         #[source]
         source: crate::rate_limiter::RateLimiterConfigError,
     },
+    /// The saved VM generation ID page lies where this VM's memory map has
+    /// something else.
+    #[error(
+        "the snapshot puts the VM generation ID page at {0:#x}, which is not a free, page-aligned \
+         page of this VM's memory map: the state file is corrupt; restore another snapshot"
+    )]
+    VmGenIdAddress(u64),
+    /// The saved VM generation ID interrupt is another device's or past the
+    /// vGIC's.
+    #[error(
+        "the snapshot gives the VM generation ID device SPI {spi}, which is not free in a VM with \
+         {virtio} virtio devices: the state file is corrupt; restore another snapshot"
+    )]
+    VmGenIdSpi {
+        /// The saved SPI.
+        spi: u32,
+        /// The snapshot's virtio device count.
+        virtio: usize,
+    },
     /// A diff snapshot needs dirty tracking and a snapshot to be relative to.
     #[error(
         "no diff snapshot possible: {0} (build the VM with .dirty_tracking(true) and take a \
@@ -339,6 +359,9 @@ pub struct VmState {
     pub rtc: Option<RtcSnapshot>,
     /// Each virtio transport, in slot order.
     pub virtio: Vec<TransportState>,
+    /// The VM generation ID device, if the VM has one (added after format
+    /// 1.1, whose VMs have none). A restore writes a new ID.
+    pub vmgenid: Option<VmGenIdSnapshot>,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
@@ -573,6 +596,16 @@ fn check_consistent(state: &VmState) -> Result<(), SnapshotError> {
     }
     if state.rtc.is_some() != state.config.rtc {
         return bad("the RTC state does not match the configuration".into());
+    }
+    if let Some(g) = &state.vmgenid {
+        use crate::arch::aarch64::layout::{is_unused, PAGE_SIZE, VMGENID_SIZE};
+        if !g.addr.is_multiple_of(PAGE_SIZE) || !is_unused(g.addr, VMGENID_SIZE) {
+            return Err(SnapshotError::VmGenIdAddress(g.addr));
+        }
+        let virtio = state.config.devices.len();
+        if !crate::device_manager::free_spis(virtio).contains(&g.spi) {
+            return Err(SnapshotError::VmGenIdSpi { spi: g.spi, virtio });
+        }
     }
     if state.diff.is_some() != state.parent.is_some() {
         return bad("a diff needs a parent, and only a diff has one".into());

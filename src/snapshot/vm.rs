@@ -468,6 +468,7 @@ mod aarch64 {
     use crate::build::{assemble, attach_virtio_devices, create_core, Threads};
     use crate::builder::VirtioConfig;
     use crate::device_manager::{DeviceError, DeviceManager};
+    use crate::devices::vmgenid::VMGENID_LEN;
     use crate::memory::GuestMemoryMmap;
     use crate::snapshot::SavedConfig;
     use crate::{Error, MicroVm};
@@ -506,6 +507,7 @@ mod aarch64 {
                 serial: serial_state,
                 rtc: self.rtc.as_ref().map(|r| lock(r).save()),
                 virtio: self.transports.iter().map(|t| lock(t).save()).collect(),
+                vmgenid: self.vmgenid.as_ref().map(|g| g.save()),
             })
         }
     }
@@ -665,6 +667,16 @@ mod aarch64 {
         Ok(configs)
     }
 
+    /// A random generation ID other than `old`.
+    fn new_generation_id(old: &[u8; VMGENID_LEN]) -> Result<[u8; VMGENID_LEN], Error> {
+        let mut id = *old;
+        // Equal only with probability 2^-128 per draw.
+        while id == *old {
+            crate::vm::host_random(&mut id).map_err(Error::Host)?;
+        }
+        Ok(id)
+    }
+
     /// The restore recipe: the build phases, with saved state in place of
     /// the boot source.
     pub(super) fn restore_vm(
@@ -711,6 +723,12 @@ mod aarch64 {
         for (transport, saved) in devices.transports.iter().zip(&state.virtio) {
             lock(transport).restore(saved).map_err(DeviceError::from)?;
         }
+        if let Some(saved) = &state.vmgenid {
+            // Where the guest found it, with a new ID: this is a new
+            // generation of the VM.
+            let id = new_generation_id(&saved.id)?;
+            devices.attach_vmgenid(&core.vm, &core.memory, id, Some(saved))?;
+        }
 
         for (vcpu, saved) in core.vcpus.iter().zip(&state.vcpus) {
             regs::restore_vcpu(vcpu.fd(), vcpu.index(), saved)?;
@@ -721,6 +739,11 @@ mod aarch64 {
             .map(|v| regs::mpidr(v.fd(), v.index()))
             .collect::<Result<Vec<_>, ArchError>>()?;
         core.gic.restore(&mpidrs, &state.gic)?;
+        // After the vGIC's state, which would clear it: the guest sees the
+        // ID changed when its vCPUs start, and reseeds its RNG.
+        if let Some(saved) = &state.vmgenid {
+            crate::arch::aarch64::gic::pulse_spi(&core.vm, saved.spi)?;
+        }
 
         let config = SavedConfig {
             devices: saved_devices,

@@ -58,6 +58,8 @@ pub struct FdtConfig {
     pub rtc: Option<MmioDeviceInfo>,
     /// virtio-mmio transports.
     pub virtio: Vec<MmioDeviceInfo>,
+    /// The VM generation ID page and its interrupt (`microsoft,vmgenid`).
+    pub vmgenid: Option<MmioDeviceInfo>,
     /// Seed for the guest's RNG (`/chosen/rng-seed`).
     pub rng_seed: [u8; 64],
     /// Seed for KASLR (`/chosen/kaslr-seed`).
@@ -97,6 +99,9 @@ pub fn create_fdt(config: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     }
     for dev in &config.virtio {
         virtio_mmio(&mut fdt, dev)?;
+    }
+    if let Some(dev) = &config.vmgenid {
+        vmgenid(&mut fdt, dev)?;
     }
 
     fdt.end_node(root)?;
@@ -239,11 +244,21 @@ fn virtio_mmio(fdt: &mut FdtWriter, dev: &MmioDeviceInfo) -> FdtWriterResult<()>
     fdt.end_node(node)
 }
 
+/// Documentation/devicetree/bindings/rng/microsoft,vmgenid.yaml: the page
+/// holding the 16-byte ID, and the edge interrupt raised when it changes.
+fn vmgenid(fdt: &mut FdtWriter, dev: &MmioDeviceInfo) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("vmgenid@{:x}", dev.base.0))?;
+    fdt.property_string("compatible", "microsoft,vmgenid")?;
+    fdt.property_array_u64("reg", &[dev.base.0, dev.size])?;
+    interrupts(fdt, dev, IRQ_TYPE_EDGE_RISING)?;
+    fdt.end_node(node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::arch::aarch64::layout::{
-        DRAM_START, RTC_START, SERIAL_SIZE, SERIAL_SPI, SERIAL_START,
+        DRAM_START, RTC_START, SERIAL_SIZE, SERIAL_SPI, SERIAL_START, VMGENID_SIZE, VMGENID_START,
     };
 
     fn config(vcpus: u64) -> FdtConfig {
@@ -268,6 +283,11 @@ mod tests {
                 size: 0x1000,
                 spi: Some(2),
             }],
+            vmgenid: Some(MmioDeviceInfo {
+                base: VMGENID_START,
+                size: VMGENID_SIZE,
+                spi: Some(3),
+            }),
             rng_seed: [7; 64],
             kaslr_seed: 0x1122_3344_5566_7788,
         }
@@ -400,6 +420,39 @@ mod tests {
             cells(virtio.property("interrupts").unwrap().value),
             vec![0, 2, 1]
         );
+    }
+
+    #[test]
+    fn describes_the_vmgenid_page_and_its_edge_interrupt() {
+        let blob = create_fdt(&config(1)).unwrap();
+        let fdt = fdt::Fdt::new(&blob).unwrap();
+        let node = fdt.find_node("/vmgenid@d000000").unwrap();
+        assert_eq!(
+            node.property("compatible").unwrap().as_str(),
+            Some("microsoft,vmgenid")
+        );
+        assert_eq!(
+            u64s(node.property("reg").unwrap().value),
+            vec![0x0d00_0000, 0x1000]
+        );
+        // GIC_SPI 3 IRQ_TYPE_EDGE_RISING.
+        assert_eq!(
+            cells(node.property("interrupts").unwrap().value),
+            vec![0, 3, 1]
+        );
+        // Not RAM: outside the memory node.
+        let mem = fdt.find_node("/memory@80000000").unwrap();
+        let ram = u64s(mem.property("reg").unwrap().value);
+        assert!(0x0d00_0000 + 0x1000 <= ram[0] || 0x0d00_0000 >= ram[0] + ram[1]);
+
+        let mut cfg = config(1);
+        cfg.vmgenid = None;
+        let blob = create_fdt(&cfg).unwrap();
+        let fdt = fdt::Fdt::new(&blob).unwrap();
+        assert!(fdt.find_node("/vmgenid@d000000").is_none());
+        assert!(fdt.all_nodes().all(|n| n
+            .compatible()
+            .is_none_or(|c| c.all().all(|c| c != "microsoft,vmgenid"))));
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //!  0x0900_0000 ├──────────────────────────────┤ GIC_REDIST_START
 //!              │ GICv3 redistributors,        │
 //!              │ 128 KiB per vCPU, 512 max    │
-//!  0x0D00_0000 ├──────────────────────────────┤
+//!  0x0D00_0000 ├──────────────────────────────┤ VMGENID_START
+//!              │ VM generation ID (one page,  │
+//!              │ RAM-backed, not guest RAM)   │
+//!  0x0D00_1000 ├──────────────────────────────┤
 //!              │ unused                       │
 //!  0x1000_0000 ├──────────────────────────────┤ MMIO_START
 //!              │ device slots, 4 KiB each:    │
@@ -64,6 +67,13 @@ pub const SERIAL_SPI: u32 = 0;
 /// Where the PL031 real-time clock lives: slot 1.
 pub const RTC_START: GuestAddress = GuestAddress(MMIO_START.0 + MMIO_SLOT_SIZE);
 
+/// Where the VM generation ID device's page lives: its own KVM memory slot
+/// (reads do not trap), outside guest RAM (the guest `ioremap`s it, which
+/// arm64 Linux refuses for RAM) and outside the MMIO device window.
+pub const VMGENID_START: GuestAddress = GuestAddress(0x0D00_0000);
+/// Size of the VM generation ID page.
+pub const VMGENID_SIZE: u64 = PAGE_SIZE;
+
 /// Number of interrupt lines the vGIC is configured with, private ones
 /// (SGIs and PPIs, 32) included. Must be a multiple of 32.
 pub const GIC_NR_IRQS: u32 = 128;
@@ -80,6 +90,32 @@ pub const fn gic_redist_size(vcpus: u32) -> u64 {
     GIC_REDIST_SIZE_PER_VCPU * vcpus as u64
 }
 
+/// Whether `[start, start + len)` lies wholly in one of the map's unused
+/// holes below guest RAM (no GIC frame, MMIO slot or RAM), with room left
+/// for the most vCPUs' redistributors. `len` 0 is never unused.
+pub const fn is_unused(start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    let holes = [
+        (0, GIC_DIST_START.0),
+        (GIC_DIST_START.0 + GIC_DIST_SIZE, GIC_REDIST_START.0),
+        (
+            GIC_REDIST_START.0 + gic_redist_size(MAX_VCPUS),
+            MMIO_START.0,
+        ),
+        (MMIO_END.0, DRAM_START.0),
+    ];
+    let mut i = 0;
+    while i < holes.len() {
+        if len > 0 && start >= holes[i].0 && end <= holes[i].1 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 // The map is checked when the crate compiles: regions must not overlap.
 const _: () = {
     assert!(GIC_DIST_START.0 + GIC_DIST_SIZE <= GIC_REDIST_START.0);
@@ -88,6 +124,31 @@ const _: () = {
     assert!(SERIAL_START.0 + SERIAL_SIZE <= MMIO_START.0 + MMIO_SLOT_SIZE);
     assert!(RTC_START.0 >= SERIAL_START.0 + MMIO_SLOT_SIZE);
     assert!(GIC_NR_IRQS.is_multiple_of(32));
+    assert!(VMGENID_START.0.is_multiple_of(PAGE_SIZE));
+    assert!(is_unused(VMGENID_START.0, VMGENID_SIZE));
     // The arm64 boot protocol wants the kernel 2 MiB aligned from RAM start.
     assert!(DRAM_START.0.is_multiple_of(2 << 20));
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_holes_of_the_map_are_unused() {
+        assert!(is_unused(0, PAGE_SIZE));
+        assert!(is_unused(VMGENID_START.0, VMGENID_SIZE));
+        assert!(is_unused(MMIO_END.0, DRAM_START.0 - MMIO_END.0));
+        // Overlapping the GIC, the device window or RAM.
+        assert!(!is_unused(GIC_DIST_START.0, PAGE_SIZE));
+        assert!(!is_unused(GIC_DIST_START.0 - PAGE_SIZE, 2 * PAGE_SIZE));
+        assert!(!is_unused(GIC_REDIST_START.0 + PAGE_SIZE, PAGE_SIZE));
+        assert!(!is_unused(SERIAL_START.0, PAGE_SIZE));
+        assert!(!is_unused(MMIO_END.0 - PAGE_SIZE, PAGE_SIZE));
+        assert!(!is_unused(DRAM_START.0, PAGE_SIZE));
+        assert!(!is_unused(DRAM_START.0 - PAGE_SIZE, 2 * PAGE_SIZE));
+        // Empty, and wrapping ranges.
+        assert!(!is_unused(VMGENID_START.0, 0));
+        assert!(!is_unused(u64::MAX, 2));
+    }
+}

@@ -68,6 +68,15 @@ pub enum ArchError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Raising an interrupt line (KVM_IRQ_LINE) failed.
+    #[error("KVM_IRQ_LINE for SPI {spi} failed")]
+    IrqLine {
+        /// The SPI.
+        spi: u32,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// A saved vGIC state does not fit this VM.
     #[error("the saved vGIC state does not fit this VM: {0}")]
     GicState(String),
