@@ -307,7 +307,10 @@ fn to_1_0(state: &snapshot::VmState) -> v1_0::VmState {
         vmgenid,
     } = state.clone();
     // Format 1.0 has no VM generation ID device: the generator's VM has none.
-    assert!(vmgenid.is_none(), "a 1.0 snapshot cannot hold a VMGenID device");
+    assert!(
+        vmgenid.is_none(),
+        "a 1.0 snapshot cannot hold a VMGenID device"
+    );
     let SavedConfig {
         memory_size,
         vcpus: vcpu_count,
