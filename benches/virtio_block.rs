@@ -206,10 +206,8 @@ struct TempLayers(PathBuf);
 
 impl TempLayers {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "dormouse-blk-bench-layers-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("dormouse-blk-bench-layers-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }

@@ -72,8 +72,8 @@ const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 /// The copy buffer of [`merge_layers`].
 const MERGE_BUFFER: usize = 1 << 20;
 
-/// The files of a layered disk (see [`BlockConfig::layered`]
-/// (crate::builder::BlockConfig::layered) and
+/// The files of a layered disk (see
+/// [`BlockConfig::layered`](crate::builder::BlockConfig::layered) and
 /// [`Restore::block_layers`](crate::snapshot::Restore::block_layers)).
 ///
 /// The guest sees, for every 4 KiB chunk, the data of the newest layer that

@@ -292,6 +292,15 @@ fn layered_top_map_persists_and_reloads() {
         (OK, 1)
     );
     let seen = read_all(&mut rig);
+    // A map that cannot be written fails the save, with the top's map
+    // left as it was (none yet).
+    let tmp = dir.path("top.map.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let err = rig.dev.save_backend().unwrap_err();
+    let inner = err.get_ref().and_then(|e| e.downcast_ref::<LayerError>());
+    assert!(matches!(inner, Some(LayerError::Persist { .. })), "{err:?}");
+    assert!(!map_path(&top).exists());
+    std::fs::remove_dir(&tmp).unwrap();
     // What a snapshot does.
     rig.dev.save_backend().unwrap();
     let map = map_path(&top);
@@ -522,6 +531,11 @@ fn a_corrupt_or_mismatched_layer_gets_its_own_error() {
         .unwrap_err(),
     );
     assert!(matches!(err, LayerError::NotAFile { .. }), "{err}");
+    // The base as its own top: the top's exclusive lock meets the base's
+    // shared one.
+    let err =
+        layer_err(Block::layered(&DiskLayers::new(&base_path, &base_path), false).unwrap_err());
+    assert!(matches!(err, LayerError::Locked { .. }), "{err}");
     // A layer opened as a plain disk.
     let err = layer_err(Block::new(&good, true).unwrap_err());
     assert!(
