@@ -881,6 +881,27 @@ mod tests {
     }
 
     #[test]
+    fn a_layered_block_config_records_its_top_as_the_path() {
+        let layers = DiskLayers::new("/base", "/top").layer("/l1").layer("/l2");
+        assert_eq!(layers.layers, [PathBuf::from("/l1"), PathBuf::from("/l2")]);
+        let config = BlockConfig::layered(layers.clone()).read_only(true);
+        assert_eq!(config.path, PathBuf::from("/top"));
+        let b = valid().block_with(config);
+        match &b.virtio[..] {
+            [VirtioConfig::Block {
+                path,
+                read_only: true,
+                layers: Some(l),
+                ..
+            }] => {
+                assert_eq!(path, &PathBuf::from("/top"));
+                assert_eq!(l, &layers);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn block_and_net_shorthands_match_their_configs() {
         let b = valid()
             .block("/a", true)
