@@ -993,15 +993,16 @@ pub fn merge_layers(layers: &[PathBuf], out: &Path) -> Result<(), LayerError> {
         let path = path.to_owned();
         move |source| LayerError::Merge { what, path, source }
     };
+    // Not ours if it exists already (another merge's): left alone.
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&tmp)
+        .map_err(fail("create", &tmp))?;
     let result = (|| {
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(fail("create", &tmp))?;
         data.set_len(size).map_err(fail("size", &tmp))?;
         let mut buf = vec![0u8; MERGE_BUFFER];
         let newest = |chunk: u64| inputs.iter().rposition(|(_, map)| map.has(chunk));

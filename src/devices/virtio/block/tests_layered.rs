@@ -619,6 +619,15 @@ fn merge_layers_newest_wins_and_absent_chunks_stay_absent() {
     assert!(matches!(err, LayerError::MergeOutputExists { .. }), "{err}");
     let err = merge_layers(&[], &dir.path("none")).unwrap_err();
     assert!(matches!(err, LayerError::MergeNothing), "{err}");
+    // A leftover temporary in the way: the merge fails, and leaves it.
+    std::fs::write(dir.path("blocked.merge-tmp"), b"x").unwrap();
+    let err = merge_layers(&inputs, &dir.path("blocked")).unwrap_err();
+    assert!(
+        matches!(err, LayerError::Merge { what: "create", .. }),
+        "{err}"
+    );
+    assert!(!dir.path("blocked").exists());
+    assert_eq!(read_file(&dir.path("blocked.merge-tmp")), b"x");
     std::fs::remove_file(map_path(&l2)).unwrap();
     let err = merge_layers(&inputs, &dir.path("again")).unwrap_err();
     assert!(matches!(err, LayerError::MissingMap { .. }), "{err}");
