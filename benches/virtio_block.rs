@@ -7,7 +7,12 @@
 //!
 //! - 4 KiB random reads and writes, 32 requests per queue kick;
 //! - 1 MiB sequential reads and writes (16 segments of 64 KiB each, like a
-//!   guest's scatter list), 4 requests per kick.
+//!   guest's scatter list), 4 requests per kick;
+//! - 4 KiB random reads of a layered copy-on-write disk over the same image
+//!   as its base: with an empty top and no frozen layer
+//!   (`randread_4k_layered_0`), and with 4 frozen layers each holding every
+//!   8th chunk at its own offset (`randread_4k_layered_4`: half the reads
+//!   come from a layer, half fall through to the base).
 //!
 //! Host-native: `cargo bench --bench virtio_block` (add `-- --quick` for a
 //! short run).
@@ -17,12 +22,12 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dormouse::devices::virtio::block::Block;
+use dormouse::devices::virtio::block::{Block, DiskLayers};
 use dormouse::devices::virtio::{Interrupt, Queue, VirtioDevice};
 use dormouse::devices::EventFdTrigger;
 use dormouse::memory::GuestMemoryMmap;
@@ -84,11 +89,12 @@ struct Rig<'a> {
     manager: EventManager<Subscriber>,
     kick: vmm_sys_util::eventfd::EventFd,
     avail_idx: u16,
+    /// The device, also on the event loop.
+    dev: Arc<Mutex<Block>>,
 }
 
 impl<'a> Rig<'a> {
-    fn new(mem: &'a GuestMemoryMmap, disk: &TempDisk) -> Self {
-        let mut dev = Block::new(&disk.0, false).unwrap();
+    fn new(mem: &'a GuestMemoryMmap, mut dev: Block) -> Self {
         dev.set_acked_features(dev.device_features());
         let kick = dev.queue_events()[0].try_clone().unwrap();
         let vq = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
@@ -98,7 +104,7 @@ impl<'a> Rig<'a> {
         dev.activate(mem.clone(), interrupt, vec![queue]).unwrap();
         let dev = Arc::new(Mutex::new(dev));
         let mut manager = EventManager::<Subscriber>::new().unwrap();
-        manager.add_subscriber(dev);
+        manager.add_subscriber(dev.clone());
         // Serve activate()'s own kick.
         manager.run().unwrap();
         Self {
@@ -107,6 +113,7 @@ impl<'a> Rig<'a> {
             manager,
             kick,
             avail_idx: 0,
+            dev,
         }
     }
 
@@ -163,6 +170,12 @@ impl<'a> Rig<'a> {
         }
     }
 
+    /// What a snapshot does to the device's backend (a layered disk's top
+    /// becomes a frozen layer with its map).
+    fn save(&mut self) {
+        self.dev.lock().unwrap().save_backend().unwrap();
+    }
+
     /// Runs a batch once and checks that every request succeeded.
     fn check(&mut self, kind: u32, n: usize, segments: u16, seg_len: u32) -> bool {
         let poison = vec![0xffu8; n];
@@ -188,10 +201,55 @@ impl Rng {
     }
 }
 
+/// Layer files in the temp directory, removed on drop.
+struct TempLayers(PathBuf);
+
+impl TempLayers {
+    fn new() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("dormouse-blk-bench-layers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempLayers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes 4 frozen layers over `base` through the device itself: layer `n`
+/// gets every 8th chunk from chunk `2n`, written by the guest, and its map
+/// from a snapshot's `save_backend`.
+fn make_layers(mem: &GuestMemoryMmap, base: &Path, dir: &Path) -> Vec<PathBuf> {
+    let mut frozen: Vec<PathBuf> = Vec::new();
+    for n in 0..4u64 {
+        let top = dir.join(format!("layer{n}"));
+        let layers = DiskLayers {
+            base: base.to_owned(),
+            layers: frozen.clone(),
+            top: top.clone(),
+        };
+        let dev = Block::layered(&layers, false).unwrap();
+        let mut rig = Rig::new(mem, dev);
+        let chunks: Vec<u64> = (0..DISK_SIZE / 4096)
+            .filter(|c| c % 8 == 2 * n)
+            .map(|c| c * 8)
+            .collect();
+        for batch in chunks.chunks(32) {
+            rig.run(VIRTIO_BLK_T_OUT, batch, 1, 4096);
+        }
+        rig.save();
+        frozen.push(top);
+    }
+    frozen
+}
+
 fn benches(c: &mut Criterion) {
     let disk = TempDisk::new();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let mut rig = Rig::new(&mem, &disk);
+    let mut rig = Rig::new(&mem, Block::new(&disk.0, false).unwrap());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
     let mut group = c.benchmark_group("virtio_block");
@@ -245,6 +303,36 @@ fn benches(c: &mut Criterion) {
                     next = (next + sectors_1m) % disk_sectors;
                 }
                 rig.run(kind, &sectors, 16, 64 << 10);
+            })
+        });
+    }
+    drop(rig);
+
+    // Layered disks over the same image: 4 KiB random reads.
+    let dir = TempLayers::new();
+    let frozen = make_layers(&mem, &disk.0, &dir.0);
+    group.throughput(Throughput::Bytes(BATCH_4K as u64 * 4096));
+    for (name, layers) in [
+        ("randread_4k_layered_0", Vec::new()),
+        ("randread_4k_layered_4", frozen),
+    ] {
+        let layers = DiskLayers {
+            base: disk.0.clone(),
+            layers,
+            top: dir.0.join(format!("{name}.top")),
+        };
+        let mut rig = Rig::new(&mem, Block::layered(&layers, false).unwrap());
+        assert!(
+            rig.check(VIRTIO_BLK_T_IN, BATCH_4K, 1, 4096),
+            "{name}: a request failed"
+        );
+        let mut sectors = [0u64; BATCH_4K];
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for s in &mut sectors {
+                    *s = (rng.next() % blocks_4k) * 8;
+                }
+                rig.run(VIRTIO_BLK_T_IN, &sectors, 1, 4096);
             })
         });
     }

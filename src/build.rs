@@ -151,8 +151,13 @@ mod aarch64 {
                     path,
                     read_only,
                     rate_limiter,
+                    layers,
                 } => {
-                    let block = Block::new(&path, read_only)
+                    let block = match &layers {
+                        Some(layers) => Block::layered(layers, read_only),
+                        None => Block::new(&path, read_only),
+                    };
+                    let block = block
                         .and_then(|b| b.with_rate_limiter(&rate_limiter))
                         .map_err(DeviceError::from)?;
                     devices.attach_virtio(vm, memory, block)?;

@@ -11,6 +11,7 @@ use vm_memory::GuestAddress;
 use crate::arch::aarch64::layout::{self, DRAM_START};
 use crate::device_manager::MAX_VIRTIO_DEVICES;
 use crate::devices::serial::{SerialInput, SerialOutput};
+pub use crate::devices::virtio::block::DiskLayers;
 use crate::devices::virtio::net::TapConfig;
 use crate::devices::virtio::vsock::{VsockConfig, VsockConfigError};
 use crate::memory;
@@ -139,6 +140,8 @@ pub(crate) enum VirtioConfig {
         path: PathBuf,
         read_only: bool,
         rate_limiter: RateLimiterConfig,
+        /// A layered disk; `path` is then its top.
+        layers: Option<DiskLayers>,
     },
     Net {
         tap: TapConfig,
@@ -178,13 +181,17 @@ impl VsockHost {
 /// A virtio-blk disk, for [`MicroVmBuilder::block_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// The raw disk image (a regular file or a block device).
+    /// The raw disk image (a regular file or a block device); for a
+    /// layered disk, its top (what a snapshot records as the disk's path).
     pub path: PathBuf,
     /// Whether guest writes are refused.
     pub read_only: bool,
     /// Limits on requests and bytes (default: none). Each request costs one
     /// operation and its data bytes.
     pub rate_limiter: RateLimiterConfig,
+    /// A layered copy-on-write disk instead of the one image at `path`
+    /// (default: none); see [`BlockConfig::layered`].
+    pub layers: Option<DiskLayers>,
 }
 
 impl BlockConfig {
@@ -194,6 +201,26 @@ impl BlockConfig {
             path: path.into(),
             read_only: false,
             rate_limiter: RateLimiterConfig::default(),
+            layers: None,
+        }
+    }
+
+    /// A read-write layered copy-on-write disk, not rate limited: the
+    /// guest sees `layers.base` with the frozen `layers.layers` over it,
+    /// and its writes go to `layers.top` only (created if missing). No byte
+    /// of the base is copied, so any number of VMs can share one base.
+    /// See [`DiskLayers`] for the files and their locks, and
+    /// [`MicroVm::snapshot_diff`](crate::MicroVm::snapshot_diff): each
+    /// snapshot writes the top's presence map, so that afterwards the top
+    /// is a frozen layer matching the snapshot's memory. The snapshot
+    /// records the top as the disk's path; a restore names the layers
+    /// again with [`Restore::block_layers`](crate::snapshot::Restore::block_layers).
+    pub fn layered(layers: DiskLayers) -> Self {
+        Self {
+            path: layers.top.clone(),
+            read_only: false,
+            rate_limiter: RateLimiterConfig::default(),
+            layers: Some(layers),
         }
     }
 
@@ -461,9 +488,13 @@ impl MicroVmBuilder {
     /// [`BlockConfig`]).
     pub fn block_with(mut self, config: BlockConfig) -> Self {
         self.virtio.push(VirtioConfig::Block {
-            path: config.path,
+            path: config
+                .layers
+                .as_ref()
+                .map_or(config.path, |l| l.top.clone()),
             read_only: config.read_only,
             rate_limiter: config.rate_limiter,
+            layers: config.layers,
         });
         self
     }
@@ -997,6 +1028,27 @@ mod tests {
     }
 
     #[test]
+    fn a_layered_block_config_records_its_top_as_the_path() {
+        let layers = DiskLayers::new("/base", "/top").layer("/l1").layer("/l2");
+        assert_eq!(layers.layers, [PathBuf::from("/l1"), PathBuf::from("/l2")]);
+        let config = BlockConfig::layered(layers.clone()).read_only(true);
+        assert_eq!(config.path, PathBuf::from("/top"));
+        let b = valid().block_with(config);
+        match &b.virtio[..] {
+            [VirtioConfig::Block {
+                path,
+                read_only: true,
+                layers: Some(l),
+                ..
+            }] => {
+                assert_eq!(path, &PathBuf::from("/top"));
+                assert_eq!(l, &layers);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn block_and_net_shorthands_match_their_configs() {
         let b = valid()
             .block("/a", true)
@@ -1006,6 +1058,7 @@ mod tests {
                 path,
                 read_only: true,
                 rate_limiter: b_limits,
+                layers: None,
             }, VirtioConfig::Net {
                 mac,
                 rx_rate_limiter,

@@ -240,6 +240,10 @@ fn overrides_for_devices_the_snapshot_lacks_are_refused() {
     let d = snapshot_dir("overrides", &state());
     for restore in [
         MicroVm::restore(snap(&d)).block_path(0, "/tmp/x"),
+        MicroVm::restore(snap(&d)).block_layers(
+            0,
+            dormouse::builder::DiskLayers::new("/tmp/base", "/tmp/top"),
+        ),
         MicroVm::restore(snap(&d)).vsock_uds("/tmp/x.sock"),
     ] {
         assert!(matches!(
@@ -614,6 +618,15 @@ fn stored_device_paths_are_not_reopened_without_consent() {
     assert!(e.to_string().contains("block_path"), "{e}");
     assert!(e.to_string().contains("reuse_saved_paths(true)"), "{e}");
 
+    // A layered disk names the disk too.
+    let layered = MicroVm::restore(snap(&d)).block_layers(
+        0,
+        dormouse::builder::DiskLayers::new("/tmp/base.img", "/tmp/top.img").layer("/tmp/l1"),
+    );
+    assert_eq!(
+        unnamed(layered),
+        ("network interface", 0, "someone-elses-tap".into(), "tap")
+    );
     let restore = || MicroVm::restore(snap(&d)).block_path(0, "/tmp/my-disk.img");
     assert_eq!(
         unnamed(restore()),

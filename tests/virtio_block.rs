@@ -255,3 +255,155 @@ fn a_missing_disk_image_is_a_clear_error() {
         "{e:?}"
     );
 }
+
+/// A session on a disk: mount it, then run what the console says.
+const LAYERED_SESSION: &str = r#"
+mount -t ext4 /dev/vda /mnt && echo "@@mounted=yes"
+echo @@ready=yes
+while read cmd arg; do
+  case "$cmd" in
+    run) eval "$arg" ;;
+    off) poweroff -f;;
+  esac
+done
+"#;
+
+/// What `cat` prints for a file the guest does not have.
+const ABSENT: &str = "absent";
+
+/// `/mnt/hello.txt|/mnt/<name>` as the guest reads them from the disk
+/// (page cache dropped first).
+fn layered_files(session: &mut common::Session, tag: &str, name: &str) -> String {
+    session.run(&format!(
+        "sync; echo 3 > /proc/sys/vm/drop_caches; echo \"@@{tag}=$(cat /mnt/hello.txt)|$(cat /mnt/{name} 2>/dev/null || echo {ABSENT})\""
+    ));
+    session.wait_fact(tag, std::time::Duration::from_secs(120))
+}
+
+#[test]
+fn a_layered_disk_leaves_its_base_alone_and_its_top_freezes_with_snapshot_diff() {
+    use dormouse::builder::{BlockConfig, DiskLayers};
+    use dormouse::devices::virtio::block::map_path;
+
+    let ten_minutes = std::time::Duration::from_secs(600);
+    let minute = std::time::Duration::from_secs(60);
+    let tmp = TempDir::new("blk-layered");
+    let base = test_disk(&tmp.0, "base.ext4");
+    let base_before = std::fs::read(&base).unwrap();
+    let marker = format!("layered-{}", std::process::id());
+    let initrd = guest_initrd(
+        &tmp.0,
+        &[modules::VIRTIO_MMIO, modules::BLOCK],
+        LAYERED_SESSION,
+    );
+
+    // A session on the base with a fresh top: the top is created, sparse.
+    let top1 = tmp.0.join("top1");
+    let (mut session, input) = common::Session::new();
+    let mut vm = vm(initrd.clone())
+        .dirty_tracking(true)
+        .block_with(BlockConfig::layered(DiskLayers::new(&base, &top1)))
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    session.wait_fact("ready", ten_minutes);
+    assert_eq!(session.wait_fact("mounted", minute), "yes");
+    vm.pause().unwrap();
+    let full = tmp.0.join("s0");
+    // A top whose map cannot be written fails the snapshot, which writes
+    // nothing; the VM can still be snapshotted once that is fixed.
+    let blocker = tmp.0.join("top1.map.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let err = vm.snapshot(&full).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dormouse::Error::Snapshot(dormouse::snapshot::SnapshotError::Backend { device: 0, .. })
+        ),
+        "{err:?}"
+    );
+    assert!(!full.exists() && !map_path(&top1).exists());
+    std::fs::remove_dir(&blocker).unwrap();
+    vm.snapshot(&full).unwrap();
+    assert!(map_path(&top1).exists(), "the snapshot wrote the top's map");
+    vm.resume().unwrap();
+    session.run(&format!(
+        "echo {marker} > /mnt/new.txt; sync; echo @@synced=yes"
+    ));
+    assert_eq!(session.wait_fact("synced", minute), "yes");
+    assert_eq!(
+        layered_files(&mut session, "before", "new.txt"),
+        format!("{HELLO}|{marker}")
+    );
+    vm.pause().unwrap();
+    let diff = tmp.0.join("s1");
+    vm.snapshot_diff(&diff).unwrap();
+    drop(vm);
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base image changed"
+    );
+    let top_bytes = std::fs::read(&top1).unwrap();
+    assert_eq!(top_bytes.len(), base_before.len());
+    assert!(
+        top_bytes
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes()),
+        "the guest's file is not in the top"
+    );
+
+    // Suspended: the top and its map become a frozen layer of the diff.
+    let frozen = diff.join("disk.layer");
+    std::fs::rename(&top1, &frozen).unwrap();
+    std::fs::rename(map_path(&top1), map_path(&frozen)).unwrap();
+    let frozen_before = std::fs::read(&frozen).unwrap();
+
+    // Resumed on [base, frozen] + a new top: both files are there.
+    let (mut resumed, input) = common::Session::new();
+    let mut vm = MicroVm::restore_chain([full, diff])
+        .block_layers(0, DiskLayers::new(&base, tmp.0.join("top2")).layer(&frozen))
+        .serial_output(resumed.console.clone())
+        .serial_input(input)
+        .resume(true)
+        .build()
+        .unwrap();
+    assert_eq!(
+        layered_files(&mut resumed, "after", "new.txt"),
+        format!("{HELLO}|{marker}")
+    );
+    resumed.run("echo more > /mnt/more.txt; sync; echo @@synced2=yes");
+    assert_eq!(resumed.wait_fact("synced2", minute), "yes");
+
+    // Meanwhile a second session on the same base, with an empty top,
+    // does not see the first one's file.
+    let (mut other, input) = common::Session::new();
+    let mut second = self::vm(initrd)
+        .block_with(BlockConfig::layered(DiskLayers::new(
+            &base,
+            tmp.0.join("top3"),
+        )))
+        .serial_output(other.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    second.start().unwrap();
+    other.wait_fact("ready", ten_minutes);
+    assert_eq!(
+        layered_files(&mut other, "other", "new.txt"),
+        format!("{HELLO}|{ABSENT}")
+    );
+    for (session, vm) in [(&mut resumed, &mut vm), (&mut other, &mut second)] {
+        session.send("off");
+        assert_eq!(vm.wait().unwrap(), ExitReason::Shutdown);
+    }
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base image changed"
+    );
+    assert!(
+        std::fs::read(&frozen).unwrap() == frozen_before,
+        "the frozen layer changed"
+    );
+}

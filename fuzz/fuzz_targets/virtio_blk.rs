@@ -6,6 +6,10 @@
 //! byte for the disk size, then operations (see `Op`). Checks, besides the
 //! common ones (`dormouse_fuzz` docs): the image never changes size, and
 //! the last request of each pass leaves a valid status byte.
+//!
+//! Bit 5 of the choices makes the disk a layered one: the image is its
+//! base and a fresh top takes the writes. Then the base must never change,
+//! and at the end the top's map must save (as a snapshot saves it).
 
 #![no_main]
 
@@ -14,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use dormouse::devices::virtio::block::Block;
+use dormouse::devices::virtio::block::{map_path, Block, DiskLayers};
 use dormouse::devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use dormouse::devices::EventFdTrigger;
 use dormouse_fuzz::event::Loop;
@@ -35,6 +39,20 @@ fn image_path() -> &'static PathBuf {
     })
 }
 
+/// The top of a layered disk over the image: removed (with its map) for
+/// every input.
+fn top_path() -> &'static PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        std::env::temp_dir().join(format!("dormouse-fuzz-blk-{}.top", std::process::id()))
+    })
+}
+
+/// The image's bytes: `sectors` sectors of a known pattern.
+fn pattern(sectors: u64) -> Vec<u8> {
+    (0..sectors * 512).map(|i| (i % 251) as u8).collect()
+}
+
 /// Recreates the image with `sectors` sectors of a known pattern.
 fn fill_image(sectors: u64) -> File {
     let file = OpenOptions::new()
@@ -44,8 +62,8 @@ fn fill_image(sectors: u64) -> File {
         .truncate(true)
         .open(image_path())
         .expect("creating the disk image");
-    let data: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
-    file.write_all_at(&data, 0).expect("filling the disk image");
+    file.write_all_at(&pattern(sectors), 0)
+        .expect("filling the disk image");
     file
 }
 
@@ -96,7 +114,19 @@ fn run(data: &[u8]) -> Corpus {
     let choice = input.u8();
     let sectors = u64::from(input.u8() % 64) + 1;
     let image = fill_image(sectors);
-    let dev = Block::new(image_path(), choice & 1 != 0).expect("opening the disk image");
+    let layered = choice & (1 << 5) != 0;
+    let dev = if layered {
+        let _ = std::fs::remove_file(top_path());
+        let _ = std::fs::remove_file(map_path(top_path()));
+        if choice & 1 != 0 {
+            // A read-only disk does not create its top: an empty one.
+            File::create(top_path()).expect("creating an empty top");
+        }
+        let layers = DiskLayers::new(image_path(), top_path());
+        Block::layered(&layers, choice & 1 != 0).expect("opening the layered disk")
+    } else {
+        Block::new(image_path(), choice & 1 != 0).expect("opening the disk image")
+    };
     let offered = dev.device_features();
     // Bits 1..=4 of `choice` drop FLUSH, DISCARD, WRITE_ZEROES, EVENT_IDX.
     let mut features = offered;
@@ -172,6 +202,19 @@ fn run(data: &[u8]) -> Corpus {
     }
     rig.dev.lock().unwrap().queue_events()[0].write(1).unwrap();
     rig.pump();
+    if layered {
+        let mut base = vec![0u8; (sectors * 512) as usize];
+        rig.image.read_exact_at(&mut base, 0).unwrap();
+        assert!(
+            base == pattern(sectors),
+            "the base of a layered disk changed"
+        );
+        rig.dev
+            .lock()
+            .unwrap()
+            .save_backend()
+            .expect("saving the top's map");
+    }
     // Bytes past the last operation mean nothing: keep such inputs out
     // of the corpus.
     if input.is_empty() {

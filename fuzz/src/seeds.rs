@@ -102,6 +102,25 @@ fn blk_seeds() -> Seeds {
     kick(&mut e);
     out.push(("seed-discard-write-zeroes", e.0));
 
+    // A layered disk (choice bit 5): a partial write copies a chunk up, a
+    // discard zeroes part of the top, a read crosses chunks.
+    let mut e = Encoder::default();
+    e.u8(SIZE_16).u8(1 << 5).u8(63);
+    e.u8(0).u32(0x3000).u8(64).bytes(&[0x5a; 64]);
+    request(&mut e, 0x100, OUT, 5, &[r(0x3000, 512)], 0x2001);
+    e.u8(0).u32(0x510).u8(16).u64(12).u32(8).u32(0);
+    request(&mut e, 0x500, DISCARD, 0, &[r(0x510, 16)], 0x2005);
+    request(
+        &mut e,
+        0x400,
+        IN,
+        4,
+        &[w(0x5000, 4096), w(0x7000, 1024)],
+        0x2004,
+    );
+    kick(&mut e);
+    out.push(("seed-layered", e.0));
+
     // An indirect table, a reset, a lying avail index.
     let mut e = Encoder::default();
     e.u8(SIZE_16).u8(0).u8(63);

@@ -244,6 +244,19 @@ pub enum SnapshotError {
     /// Only the first layer of a chain is a full snapshot.
     #[error("{0} is a full snapshot in the middle of a chain: restore from it alone")]
     FullInChain(PathBuf),
+    /// A device's backend could not be made consistent for the snapshot
+    /// (a layered disk's top could not be synced or its presence map
+    /// written). No snapshot was written.
+    #[error(
+        "virtio device {device}'s backend could not be saved for the snapshot: {source}; free          space or fix the disk's directory and snapshot again"
+    )]
+    Backend {
+        /// The device's index among the VM's virtio devices.
+        device: usize,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A snapshot's identity: random, made when it is written. A diff names

@@ -262,7 +262,7 @@ pub struct Restore {
     chain: Vec<PathBuf>,
     serial_output: Option<SerialOutput>,
     serial_input: Option<SerialInput>,
-    block_paths: Vec<(usize, PathBuf)>,
+    block_paths: Vec<(usize, DiskOverride)>,
     taps: Vec<(usize, TapConfig)>,
     /// The vsock device's host side, if the caller names it (the last of
     /// `vsock_uds` and `vsock_listener` wins).
@@ -271,6 +271,17 @@ pub struct Restore {
     kvm_device: PathBuf,
     resume: bool,
     seccomp: crate::seccomp::SeccompPolicy,
+}
+
+/// What backs a restored disk instead of the path its snapshot names.
+#[derive(Debug)]
+// Only aarch64 hosts restore VMs; elsewhere the overrides are only checked.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+enum DiskOverride {
+    /// One raw image ([`Restore::block_path`]).
+    Path(PathBuf),
+    /// A layered disk ([`Restore::block_layers`]).
+    Layers(crate::builder::DiskLayers),
 }
 
 impl std::fmt::Debug for Restore {
@@ -304,7 +315,22 @@ impl Restore {
     /// file, e.g. a clone's own copy. The file must hold the same disk
     /// contents as when the snapshot was taken.
     pub fn block_path(mut self, index: usize, path: impl Into<PathBuf>) -> Self {
-        self.block_paths.push((index, path.into()));
+        self.block_paths
+            .push((index, DiskOverride::Path(path.into())));
+        self
+    }
+
+    /// Backs the `index`-th virtio-blk disk (in attach order) with a
+    /// layered copy-on-write disk (see
+    /// [`BlockConfig::layered`](crate::builder::BlockConfig::layered)).
+    /// The layers must hold the disk as it was when the snapshot was
+    /// taken: typically the layers the VM ran on plus its top as of that
+    /// snapshot (which the snapshot froze) as the newest frozen layer, and
+    /// a new, empty top. Overrides an earlier
+    /// [`block_path`](Self::block_path) for the same disk, and the other
+    /// way round: the last call wins.
+    pub fn block_layers(mut self, index: usize, layers: crate::builder::DiskLayers) -> Self {
+        self.block_paths.push((index, DiskOverride::Layers(layers)));
         self
     }
 
@@ -383,7 +409,7 @@ impl Restore {
         let nets = count(|d| matches!(d, SavedDevice::Net { .. }));
         if let Some((i, _)) = self.block_paths.iter().find(|(i, _)| *i >= blocks) {
             return Err(SnapshotError::Inconsistent(format!(
-                "block_path({i}) but the snapshot has {blocks} disks"
+                "block_path({i}) or block_layers({i}) but the snapshot has {blocks} disks"
             )));
         }
         if let Some((i, _)) = self.taps.iter().find(|(i, _)| *i >= nets) {
@@ -480,6 +506,13 @@ mod aarch64 {
     impl MicroVm {
         /// Saves every part's state. The VM must be paused.
         pub(super) fn save_state(&self) -> Result<VmState, Error> {
+            // Disks first: a layered disk's top (data, then its map) must
+            // hold exactly what the guest wrote up to this pause.
+            for (device, t) in self.transports.iter().enumerate() {
+                lock(t)
+                    .save_backend()
+                    .map_err(|source| SnapshotError::Backend { device, source })?;
+            }
             let vcpus = self
                 .vcpus
                 .iter()
@@ -618,17 +651,20 @@ mod aarch64 {
                     read_only,
                     rate_limiter,
                 } => {
-                    let path = restore
-                        .block_paths
-                        .iter()
-                        .rev()
-                        .find(|(i, _)| *i == block)
-                        .map_or_else(|| path.clone(), |(_, p)| p.clone());
+                    let chosen = restore.block_paths.iter().rev().find(|(i, _)| *i == block);
+                    let (path, layers) = match chosen {
+                        None => (path.clone(), None),
+                        Some((_, super::DiskOverride::Path(p))) => (p.clone(), None),
+                        Some((_, super::DiskOverride::Layers(l))) => {
+                            (l.top.clone(), Some(l.clone()))
+                        }
+                    };
                     block += 1;
                     VirtioConfig::Block {
                         path,
                         read_only: *read_only,
                         rate_limiter: *rate_limiter,
+                        layers,
                     }
                 }
                 SavedDevice::Net {

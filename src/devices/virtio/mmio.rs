@@ -226,6 +226,13 @@ impl MmioTransport {
         }
     }
 
+    /// Makes the device's backend consistent on stable storage for a
+    /// snapshot ([`VirtioDevice::save_backend`]). The device must be
+    /// quiescent.
+    pub fn save_backend(&self) -> std::io::Result<()> {
+        lock(&self.device).save_backend()
+    }
+
     /// Puts a freshly built transport (and its device) into a saved state:
     /// the saved queues are rebuilt through virtio-queue's checks, and a
     /// device the driver had started is activated on them again. The state

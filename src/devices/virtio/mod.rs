@@ -227,6 +227,15 @@ pub trait VirtioDevice: Send {
     /// budgets are capped at what a fresh limiter has.
     fn restore_rate_limiters(&mut self, _states: &[crate::rate_limiter::RateLimiterState]) {}
 
+    /// Makes the device's backend consistent on stable storage for a
+    /// snapshot being taken (the VM is paused, the event loop parked): a
+    /// layered disk syncs its top and writes the top's presence map. Runs
+    /// on the thread taking the snapshot, never the device I/O thread.
+    /// Nothing to do by default.
+    fn save_backend(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Stops the device and forgets its queues and guest memory, as the
     /// driver asked by writing 0 to the status register.
     fn reset(&mut self);

@@ -13,7 +13,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend::Backend;
 use super::disk::Disk;
+use super::layered::{refuse_layer_as_plain, DiskLayers, LayerError, LayeredDisk};
 use super::request::{Negotiated, Request};
 use super::{DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, QUEUE_SIZE, SEG_MAX};
 use crate::devices::virtio::{
@@ -94,6 +96,10 @@ pub enum BlockError {
     /// be created.
     #[error("virtio-blk rate limiter: {0}")]
     RateLimiter(#[source] RateLimiterError),
+    /// A layer of a layered disk (or its presence map) is unusable, or a
+    /// layer was given as a plain disk.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
 }
 
 /// How a processing pass ended.
@@ -122,7 +128,7 @@ struct Active {
 /// it behind a virtio-mmio transport; requests are served on the event-loop
 /// thread.
 pub struct Block {
-    disk: Disk,
+    disk: Backend,
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
@@ -157,8 +163,31 @@ impl Block {
     /// when writable, shared when read-only. So one writable image serves
     /// one VM at a time, and a read-only one any number of read-only VMs;
     /// anything else is [`BlockError::Locked`].
+    ///
+    /// A layer of a layered disk (a file whose presence map
+    /// `<path>.map` exists) is refused: alone it lacks its base's data
+    /// ([`LayerError::LayerOpenedAsPlainDisk`]); see [`Block::layered`].
     pub fn new(path: &Path, read_only: bool) -> Result<Block, BlockError> {
-        let disk = Disk::open(path, read_only)?;
+        refuse_layer_as_plain(path)?;
+        Self::with_backend(Backend::Plain(Disk::open(path, read_only)?))
+    }
+
+    /// A block device over a layered copy-on-write disk: `layers.base`
+    /// under the frozen `layers.layers` under the writable `layers.top`
+    /// (see [`DiskLayers`] for what each file must be and how it is
+    /// locked). Guest writes go to the top only; the base and frozen
+    /// layers are never written. With `read_only` the top is not written
+    /// either and the guest sees a read-only disk.
+    ///
+    /// The top's presence map is written when the VM is snapshotted
+    /// ([`VirtioDevice::save_backend`]), after its data is synced: then
+    /// the top and its map form a frozen layer.
+    pub fn layered(layers: &DiskLayers, read_only: bool) -> Result<Block, BlockError> {
+        Self::with_backend(Backend::Layered(LayeredDisk::open(layers, read_only)?))
+    }
+
+    fn with_backend(disk: Backend) -> Result<Block, BlockError> {
+        let read_only = disk.read_only();
         let queue_evt =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(BlockError::EventFd)?;
         let bit = |b: u32| 1u64 << b;
@@ -207,6 +236,12 @@ impl Block {
             .as_ref()
             .map(RateLimiter::config)
             .unwrap_or_default()
+    }
+
+    /// The disk behind the device.
+    #[cfg(test)]
+    pub(super) fn backend(&self) -> &Backend {
+        &self.disk
     }
 
     /// The queue notification eventfd.
@@ -259,7 +294,7 @@ impl Block {
                         break 'pass Ok(Pass::Throttled);
                     }
                 }
-                let len = request.run(&self.disk, mem, negotiated);
+                let len = request.run(&mut self.disk, mem, negotiated);
                 if let Err(e) = queue.add_used(mem, head, len) {
                     break 'pass Err(e);
                 }
@@ -298,7 +333,7 @@ impl Block {
 }
 
 /// The config space (`struct virtio_blk_config`, little endian).
-fn build_config(disk: &Disk) -> [u8; CONFIG_LEN] {
+fn build_config(disk: &Backend) -> [u8; CONFIG_LEN] {
     let mut config = [0u8; CONFIG_LEN];
     let mut put = |offset: usize, bytes: &[u8]| {
         config[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -433,5 +468,9 @@ impl VirtioDevice for Block {
 
     fn needs_reset(&self) -> bool {
         self.broken
+    }
+
+    fn save_backend(&mut self) -> std::io::Result<()> {
+        self.disk.persist().map_err(std::io::Error::other)
     }
 }

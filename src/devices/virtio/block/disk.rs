@@ -97,6 +97,12 @@ impl Disk {
         self.size / SECTOR_SIZE
     }
 
+    /// The open file (still locked) and its size, for a layered disk's
+    /// base.
+    pub(super) fn into_file(self) -> (File, u64) {
+        (self.file, self.size)
+    }
+
     pub(super) fn read_only(&self) -> bool {
         self.read_only
     }
@@ -109,13 +115,6 @@ impl Disk {
     /// The 20-byte id GET_ID returns.
     pub(super) fn id(&self) -> &[u8; ID_BYTES] {
         &self.id
-    }
-
-    /// The byte offset of `sector` if `[sector, sector + len)` lies inside
-    /// the disk (`len` in bytes); `None` if it does not or overflows.
-    pub(super) fn range(&self, sector: u64, len: u64) -> Option<u64> {
-        let offset = sector.checked_mul(SECTOR_SIZE)?;
-        (offset.checked_add(len)? <= self.size).then_some(offset)
     }
 
     /// Reads from the disk at `offset` into `segments`, in order. Returns
@@ -223,7 +222,7 @@ pub(super) fn write_id(
 
 /// A stable id for the file (`dm-` and 16 hex digits, NUL-padded): the
 /// same file gives the same id on every run, different files differ.
-fn device_id(dev: u64, ino: u64) -> [u8; ID_BYTES] {
+pub(super) fn device_id(dev: u64, ino: u64) -> [u8; ID_BYTES] {
     let hash = mix(dev ^ mix(ino));
     let text = format!("dm-{hash:016x}");
     let mut id = [0u8; ID_BYTES];

@@ -6,6 +6,10 @@
 //! - `disk`: the backing file: positioned I/O straight between the file and
 //!   guest memory (through vm-memory, so the dirty bitmap sees every write),
 //!   flush, discard and write-zeroes with `fallocate`.
+//! - `layered`: a layered copy-on-write disk ([`DiskLayers`]): a
+//!   read-only base, frozen layers and a writable top, each layer a sparse
+//!   data file plus a presence map of 4 KiB chunks; [`merge_layers`].
+//! - `backend`: the plain or layered disk a device uses.
 //! - `request`: turning one descriptor chain into a request, checking
 //!   everything the guest controls, and running it.
 //! - `event_handler`: the queue eventfd (and the rate limiter's timerfd) on
@@ -21,14 +25,17 @@
 //! available ring, notifications stay off, and the pass ends; the
 //! limiter's timerfd starts the next pass when the budget is back.
 
+mod backend;
 mod device;
 mod disk;
 mod event_handler;
+mod layered;
 mod request;
 #[cfg(test)]
 mod tests;
 
 pub use device::{Block, BlockError};
+pub use layered::{map_path, merge_layers, DiskLayers, LayerError, CHUNK_SIZE, MAP_VERSION};
 
 /// The size of a virtio-blk sector, whatever the backing file's block size.
 const SECTOR_SIZE: u64 = 512;

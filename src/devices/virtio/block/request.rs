@@ -19,7 +19,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::disk::{write_id, Disk, Segment};
+use super::backend::Backend;
+use super::disk::{write_id, Segment};
 use super::{MAX_DISCARD_SECTORS, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::memory::GuestMemoryMmap;
 
@@ -89,7 +90,12 @@ impl Request {
     }
 
     /// Runs the request and returns the used length for it.
-    pub(super) fn run(self, disk: &Disk, mem: &GuestMemoryMmap, negotiated: Negotiated) -> u32 {
+    pub(super) fn run(
+        self,
+        disk: &mut Backend,
+        mem: &GuestMemoryMmap,
+        negotiated: Negotiated,
+    ) -> u32 {
         let Some(mut layout) = self.layout else {
             log::debug!("virtio-blk: chain without a writable status byte; returned unanswered");
             return 0;
@@ -193,7 +199,7 @@ fn take_front(mem: &GuestMemoryMmap, segments: &mut Vec<Segment>, buf: &mut [u8]
 /// Runs a well-formed request: returns the status and the number of bytes
 /// written to the guest before the status byte.
 fn execute(
-    disk: &Disk,
+    disk: &mut Backend,
     mem: &GuestMemoryMmap,
     layout: &mut Layout,
     negotiated: Negotiated,
@@ -239,14 +245,14 @@ fn parse_header(h: [u8; HEADER_LEN]) -> (u32, u32, u64) {
 
 /// The disk offset of a data transfer of `len` bytes at `sector`, if it is
 /// a whole, non-zero number of sectors inside the disk.
-fn data_range(disk: &Disk, sector: u64, len: u64) -> Option<u64> {
+fn data_range(disk: &Backend, sector: u64, len: u64) -> Option<u64> {
     if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
         return None;
     }
     disk.range(sector, len)
 }
 
-fn read(disk: &Disk, mem: &GuestMemoryMmap, layout: &Layout, sector: u64) -> (u32, u64) {
+fn read(disk: &Backend, mem: &GuestMemoryMmap, layout: &Layout, sector: u64) -> (u32, u64) {
     // Device-readable data after the header: the driver mixed up directions.
     if !layout.readable.is_empty() {
         return (VIRTIO_BLK_S_IOERR, 0);
@@ -264,7 +270,7 @@ fn read(disk: &Disk, mem: &GuestMemoryMmap, layout: &Layout, sector: u64) -> (u3
 }
 
 fn write(
-    disk: &Disk,
+    disk: &mut Backend,
     mem: &GuestMemoryMmap,
     layout: &Layout,
     sector: u64,
@@ -296,7 +302,7 @@ fn write(
 
 /// DISCARD (`zeroes` false) or WRITE_ZEROES (`zeroes` true): exactly one
 /// segment (max_discard_seg and max_write_zeroes_seg are 1).
-fn discard(disk: &Disk, mem: &GuestMemoryMmap, layout: &mut Layout, zeroes: bool) -> u32 {
+fn discard(disk: &mut Backend, mem: &GuestMemoryMmap, layout: &mut Layout, zeroes: bool) -> u32 {
     if disk.read_only() || total(&layout.readable) != DISCARD_SEGMENT_LEN as u64 {
         return VIRTIO_BLK_S_IOERR;
     }

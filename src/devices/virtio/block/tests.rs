@@ -31,6 +31,9 @@ use crate::rate_limiter::{
     BucketKind, RateLimiterConfig, RateLimiterConfigError, RateLimiterError, TokenBucketConfig,
 };
 
+#[path = "tests_layered.rs"]
+mod layered;
+
 const MEM_SIZE: u64 = 0x100_0000;
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
