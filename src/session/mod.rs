@@ -183,6 +183,9 @@ pub enum SessionError {
         /// What is wrong.
         reason: String,
     },
+    /// A disk layer could not be used or merged.
+    #[error(transparent)]
+    Disk(crate::devices::virtio::block::LayerError),
     /// A configuration value is invalid.
     #[error("invalid session configuration: {0}")]
     Config(String),

@@ -5,15 +5,20 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use super::{files, SessionError};
+use crate::devices::virtio::block::{map_path, merge_layers, DiskLayers};
 use crate::snapshot::Restore;
 use crate::MicroVm;
 
-/// Removes a disk layer file (a running VM's top left by a crash).
+/// Removes a disk layer (its data file and its map): a running VM's top
+/// left by a crash.
 pub(super) fn remove_layer(path: &Path) {
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(map_path(path));
 }
 
-/// Gives the restored VM's `index`-th disk its layers.
+/// Gives the restored VM's `index`-th disk its layers: the image's disk
+/// as the read-only base, the session's frozen layers, a new top. Nothing
+/// is copied.
 pub(super) fn attach(
     restore: Restore,
     index: usize,
@@ -21,26 +26,20 @@ pub(super) fn attach(
     layers: Vec<PathBuf>,
     top: PathBuf,
 ) -> Restore {
-    // INTERIM: full copies, until the layered disk lands.
-    let from = layers.last().cloned().unwrap_or(base);
-    let _ = std::fs::copy(&from, &top);
-    let _ = std::fs::set_permissions(&top, std::os::unix::fs::PermissionsExt::from_mode(0o600));
-    restore.block_path(index, top)
+    restore.block_layers(index, DiskLayers { base, layers, top })
 }
 
-/// Turns a suspended VM's disk top into a frozen layer at `layer`.
+/// Turns a suspended VM's disk top into a frozen layer at `layer`: the
+/// snapshot just wrote its map, so the pair is consistent; both move.
 pub(super) fn freeze(top: &Path, layer: &Path) -> Result<(), SessionError> {
-    std::fs::rename(top, layer).map_err(files::io("move the disk layer", top))
+    std::fs::rename(top, layer).map_err(files::io("move the disk layer", top))?;
+    let map = map_path(top);
+    std::fs::rename(&map, map_path(layer)).map_err(files::io("move the disk layer map", &map))
 }
 
-/// Merges consecutive frozen layers into one at `out`.
+/// Merges consecutive frozen layers (oldest first) into one at `out`.
 pub(super) fn merge(layers: &[PathBuf], out: &Path) -> Result<(), SessionError> {
-    let Some(newest) = layers.last() else {
-        return Ok(());
-    };
-    std::fs::copy(newest, out)
-        .map(drop)
-        .map_err(files::io("merge disk layers into", out))
+    merge_layers(layers, out).map_err(SessionError::Disk)
 }
 
 /// A stream to the guest's vsock `port`, handed straight to the VM's
