@@ -711,20 +711,7 @@ pub fn read_chain(dirs: &[PathBuf]) -> Result<Vec<Layer>, SnapshotError> {
             }
             _ => {}
         }
-        if let Some(previous) = layers.last() {
-            if state.memory != previous.state.memory {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "{} has another memory layout than the layer before it",
-                    dir.display()
-                )));
-            }
-        }
-        let (memory, _) = open_memory(dir, &state)?;
-        layers.push(Layer {
-            dir: dir.clone(),
-            state,
-            memory,
-        });
+        push_layer(&mut layers, dir, state)?;
     }
     if layers.is_empty() {
         return Err(SnapshotError::Inconsistent("an empty chain".into()));
@@ -732,13 +719,58 @@ pub fn read_chain(dirs: &[PathBuf]) -> Result<Vec<Layer>, SnapshotError> {
     Ok(layers)
 }
 
+/// Checks that `state` has the memory layout of the layer before it,
+/// opens its memory file and adds it to `layers`.
+fn push_layer(layers: &mut Vec<Layer>, dir: &Path, state: VmState) -> Result<(), SnapshotError> {
+    if let Some(previous) = layers.last() {
+        if state.memory != previous.state.memory {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} has another memory layout than the layer before it",
+                dir.display()
+            )));
+        }
+    }
+    let (memory, _) = open_memory(dir, &state)?;
+    layers.push(Layer {
+        dir: dir.to_path_buf(),
+        state,
+        memory,
+    });
+    Ok(())
+}
+
+/// Writes each diff layer's pages into `file` at their own offsets, oldest
+/// layer first, so that a page in several layers ends up with the newest.
+fn copy_diff_pages(layers: &[Layer], file: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+
+    let mut buf = vec![0u8; 1 << 20];
+    let page = crate::arch::aarch64::layout::PAGE_SIZE;
+    for layer in layers {
+        let runs = layer.state.diff.as_deref().unwrap_or_default();
+        for (region, region_runs) in layer.state.memory.iter().zip(runs) {
+            for &(first, count) in region_runs {
+                let mut offset = region.file_offset + first * page;
+                let end = offset + count * page;
+                while offset < end {
+                    let n = usize::try_from(end - offset)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.len());
+                    layer.memory.read_exact_at(&mut buf[..n], offset)?;
+                    file.write_all_at(&buf[..n], offset)?;
+                    offset += n as u64;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Compacts a chain into one full snapshot at `out`: the base's memory with
 /// each diff's pages laid over it in order (a page absent from a diff is
 /// unchanged, never zero), and the newest layer's state. The result keeps
 /// the newest layer's id, so diffs taken on top of it still apply.
 pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
-    use std::os::unix::fs::FileExt;
-
     let mut layers = read_chain(chain)?;
     let newest = layers
         .last()
@@ -762,25 +794,7 @@ pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
             .max()
             .unwrap_or(0);
         io::copy(&mut io::Read::take(&mut base[0].memory, len), file)?;
-        let mut buf = vec![0u8; 1 << 20];
-        for layer in diffs {
-            let runs = layer.state.diff.as_deref().unwrap_or_default();
-            for (region, region_runs) in layer.state.memory.iter().zip(runs) {
-                for &(first, count) in region_runs {
-                    let page = crate::arch::aarch64::layout::PAGE_SIZE;
-                    let mut offset = region.file_offset + first * page;
-                    let end = offset + count * page;
-                    while offset < end {
-                        let n = usize::try_from(end - offset)
-                            .unwrap_or(usize::MAX)
-                            .min(buf.len());
-                        layer.memory.read_exact_at(&mut buf[..n], offset)?;
-                        file.write_all_at(&buf[..n], offset)?;
-                        offset += n as u64;
-                    }
-                }
-            }
-        }
+        copy_diff_pages(diffs, file)?;
         Ok(())
     })
 }
@@ -793,8 +807,6 @@ pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
 /// memory size: this is how a session keeps its chain short on top of a
 /// shared base.
 pub fn merge_diffs(diffs: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
-    use std::os::unix::fs::FileExt;
-
     let mut layers = Vec::with_capacity(diffs.len());
     for dir in diffs {
         let state = read_state(dir)?;
@@ -813,19 +825,8 @@ pub fn merge_diffs(diffs: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
                     previous: previous.state.id,
                 });
             }
-            if state.memory != previous.state.memory {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "{} has another memory layout than the layer before it",
-                    dir.display()
-                )));
-            }
         }
-        let (memory, _) = open_memory(dir, &state)?;
-        layers.push(Layer {
-            dir: dir.clone(),
-            state,
-            memory,
-        });
+        push_layer(&mut layers, dir, state)?;
     }
     let (Some(first), Some(newest)) = (layers.first(), layers.last()) else {
         return Err(SnapshotError::Inconsistent("an empty chain".into()));
@@ -864,26 +865,7 @@ pub fn merge_diffs(diffs: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
         .unwrap_or(0);
     write_dir(out, &bytes, |file| {
         file.set_len(len)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let page = crate::arch::aarch64::layout::PAGE_SIZE;
-        for layer in &layers {
-            let runs = layer.state.diff.as_deref().unwrap_or_default();
-            for (region, region_runs) in layer.state.memory.iter().zip(runs) {
-                for &(first, count) in region_runs {
-                    let mut offset = region.file_offset + first * page;
-                    let end = offset + count * page;
-                    while offset < end {
-                        let n = usize::try_from(end - offset)
-                            .unwrap_or(usize::MAX)
-                            .min(buf.len());
-                        layer.memory.read_exact_at(&mut buf[..n], offset)?;
-                        file.write_all_at(&buf[..n], offset)?;
-                        offset += n as u64;
-                    }
-                }
-            }
-        }
-        Ok(())
+        copy_diff_pages(&layers, file)
     })
 }
 
