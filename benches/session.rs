@@ -50,6 +50,7 @@ mod aarch64 {
         };
         let start = Instant::now();
         let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         s.write_all(b"hit\n").unwrap();
         let mut byte = [0u8; 1];
         s.read_exact(&mut byte).unwrap();
@@ -65,6 +66,7 @@ mod aarch64 {
     }
 
     pub fn benches(c: &mut Criterion) {
+        super::common::init_logging();
         let tmp = TempDir::new("bench-session");
         let root = SessionRoot::open_with(tmp.0.join("root"), RootOptions::default()).unwrap();
         let images: Vec<(u64, Image)> = sizes()

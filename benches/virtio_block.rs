@@ -177,7 +177,8 @@ impl<'a> Rig<'a> {
     }
 
     /// Runs a batch once and checks that every request succeeded.
-    fn check(&mut self, kind: u32, n: usize, segments: u16, seg_len: u32) -> bool {
+    /// Runs `n` requests and returns their statuses unless all are OK.
+    fn check(&mut self, kind: u32, n: usize, segments: u16, seg_len: u32) -> Result<(), Vec<u8>> {
         let poison = vec![0xffu8; n];
         self.mem
             .write_slice(&poison, GuestAddress(STATUSES))
@@ -185,7 +186,11 @@ impl<'a> Rig<'a> {
         self.run(kind, &vec![0; n], segments, seg_len);
         let mut s = vec![0xffu8; n];
         self.mem.read_slice(&mut s, GuestAddress(STATUSES)).unwrap();
-        s.iter().all(|&b| b == 0)
+        if s.iter().all(|&b| b == 0) {
+            Ok(())
+        } else {
+            Err(s)
+        }
     }
 }
 
@@ -238,7 +243,16 @@ fn make_layers(mem: &GuestMemoryMmap, base: &Path, dir: &Path) -> Vec<PathBuf> {
             .map(|c| c * 8)
             .collect();
         for batch in chunks.chunks(32) {
+            rig.mem
+                .write_slice(&vec![0xffu8; batch.len()], GuestAddress(STATUSES))
+                .unwrap();
             rig.run(VIRTIO_BLK_T_OUT, batch, 1, 4096);
+            let mut st = vec![0xffu8; batch.len()];
+            rig.mem.read_slice(&mut st, GuestAddress(STATUSES)).unwrap();
+            assert!(
+                st.iter().all(|&b| b == 0),
+                "layer {n}: a write failed: {st:?}"
+            );
         }
         rig.save();
         frozen.push(top);
@@ -246,7 +260,24 @@ fn make_layers(mem: &GuestMemoryMmap, base: &Path, dir: &Path) -> Vec<PathBuf> {
     frozen
 }
 
+/// Prints warnings (a failed request's cause) on stderr.
+struct Stderr;
+impl log::Log for Stderr {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("[{}] {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn benches(c: &mut Criterion) {
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let disk = TempDisk::new();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut rig = Rig::new(&mem, Block::new(&disk.0, false).unwrap());
@@ -267,10 +298,9 @@ fn benches(c: &mut Criterion) {
         ("randwrite_4k", VIRTIO_BLK_T_OUT),
     ] {
         let mut sectors = [0u64; BATCH_4K];
-        assert!(
-            rig.check(kind, BATCH_4K, 1, 4096),
-            "{name}: a request failed"
-        );
+        if let Err(statuses) = rig.check(kind, BATCH_4K, 1, 4096) {
+            panic!("{name}: a request failed: statuses {statuses:?}");
+        }
         group.bench_function(name, |b| {
             b.iter(|| {
                 for s in &mut sectors {
@@ -291,10 +321,9 @@ fn benches(c: &mut Criterion) {
         ("seqread_1m", VIRTIO_BLK_T_IN),
         ("seqwrite_1m", VIRTIO_BLK_T_OUT),
     ] {
-        assert!(
-            rig.check(kind, BATCH_1M, 16, 64 << 10),
-            "{name}: a request failed"
-        );
+        if let Err(statuses) = rig.check(kind, BATCH_1M, 16, 64 << 10) {
+            panic!("{name}: a request failed: statuses {statuses:?}");
+        }
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut sectors = [0u64; BATCH_1M];
@@ -322,10 +351,9 @@ fn benches(c: &mut Criterion) {
             top: dir.0.join(format!("{name}.top")),
         };
         let mut rig = Rig::new(&mem, Block::layered(&layers, false).unwrap());
-        assert!(
-            rig.check(VIRTIO_BLK_T_IN, BATCH_4K, 1, 4096),
-            "{name}: a request failed"
-        );
+        if let Err(statuses) = rig.check(VIRTIO_BLK_T_IN, BATCH_4K, 1, 4096) {
+            panic!("{name}: a request failed: statuses {statuses:?}");
+        }
         let mut sectors = [0u64; BATCH_4K];
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -40,6 +40,7 @@ fn timed_ask(session: &Session, request: &str) -> (String, Duration) {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
+    common::init_logging();
     let work = std::env::temp_dir().join(format!("dormouse-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     println!("dormouse demo: sessions from an image, idle suspend, resume on the next request");

@@ -21,6 +21,7 @@ const MIB: u64 = 1 << 20;
 
 /// The tests measure the process's RSS and share one image: one at a time.
 fn serial() -> MutexGuard<'static, ()> {
+    common::init_logging();
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }

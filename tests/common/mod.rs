@@ -318,3 +318,35 @@ pub fn assert_memory_equals_file(vm: &dormouse::MicroVm, file: &std::path::Path)
         offset += n as u64;
     }
 }
+
+/// Sends the `log` records of dormouse to stderr, with the time since the
+/// first one, when RUST_LOG is set (`error`, `warn`, `info`, `debug`).
+pub fn init_logging() {
+    struct Stderr(std::time::Instant);
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                eprintln!(
+                    "[{:9.3} {} {:?}] {}",
+                    self.0.elapsed().as_secs_f64(),
+                    record.level(),
+                    std::thread::current().name().unwrap_or("?"),
+                    record.args()
+                );
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: std::sync::OnceLock<Stderr> = std::sync::OnceLock::new();
+    let Ok(level) = std::env::var("RUST_LOG") else {
+        return;
+    };
+    let level = level.parse().unwrap_or(log::LevelFilter::Info);
+    let logger = LOGGER.get_or_init(|| Stderr(std::time::Instant::now()));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
