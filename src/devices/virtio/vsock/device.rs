@@ -421,28 +421,14 @@ impl Vsock {
         if queue.needs_notification(mem).unwrap_or(true) {
             let _ = active.interrupt.signal_used_queue();
         }
+        // Ask for the kick that says the guest put the buffer back: with
+        // VIRTIO_F_EVENT_IDX the guest kicks only past the avail_event we
+        // publish, which nothing else on this queue moves.
+        let _ = queue.enable_notification(mem);
         let avail = queue
             .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
             .ok()
             .map(|i| i.0);
-        // Ask for the kick that says the guest put the buffer back: with
-        // VIRTIO_F_EVENT_IDX the guest kicks only when its new available
-        // index passes the avail_event we publish. Other event buffers are
-        // still unused, so it is the index the guest has reached now, not
-        // our next one (which the guest passed long ago).
-        if let (true, Some(now)) = (queue.event_idx_enabled(), avail) {
-            // The used ring was checked to lie in guest memory, its
-            // trailing avail_event included, when the queue was activated.
-            let offset = 4 + 8 * u64::from(queue.size());
-            if let Some(at) = queue.used_ring().checked_add(offset) {
-                let _ = vm_memory::Bytes::store(
-                    mem,
-                    now.to_le(),
-                    vm_memory::GuestAddress(at),
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-            }
-        }
         if written.is_none() || added.is_err() {
             self.fail("event buffer outside guest memory or smaller than an event");
             return Err(VsockError::BadEventBuffer);
