@@ -421,10 +421,6 @@ impl Vsock {
         if queue.needs_notification(mem).unwrap_or(true) {
             let _ = active.interrupt.signal_used_queue();
         }
-        // Ask for the kick that says the guest put the buffer back: with
-        // VIRTIO_F_EVENT_IDX the guest kicks only past the avail_event we
-        // publish, which nothing else on this queue moves.
-        let _ = queue.enable_notification(mem);
         let avail = queue
             .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
             .ok()
@@ -511,11 +507,6 @@ impl Vsock {
     /// One pass over rx, then tx and rx again. Returns whether rx has more
     /// to deliver than the pass's bound allowed.
     fn queue_pass(&mut self, tx_kick: bool, used: &mut [bool; 2]) -> Result<bool, &'static str> {
-        if self.rx_held {
-            // The refill may come without a kick of its own (or before
-            // ours is read): any pass looks.
-            self.event_queue_kicked();
-        }
         let Some(active) = self.active.as_mut() else {
             return Ok(false);
         };
