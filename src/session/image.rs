@@ -34,6 +34,9 @@ pub const DEFAULT_GUEST_CID: u64 = 3;
 /// The host vsock port the guest connects to when its init is done
 /// ([`Readiness::VsockConnect`]'s usual value).
 pub const DEFAULT_READY_PORT: u32 = 1025;
+/// How long a session's guest has to accept an endpoint's connection on
+/// its vsock port (the image's `VsockConfig::connect_timeout`).
+pub const GUEST_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long [`Image::create`] waits for the guest to be ready by default.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -246,7 +249,12 @@ impl Image {
             disks.push(ImageDisk { file, size });
         }
         let uds = dir.join("boot.vsock");
-        let mut vsock = VsockConfig::default();
+        // A resumed guest may take a while to accept: its first touches of
+        // memory fault in from the snapshot (seconds under emulation).
+        let mut vsock = VsockConfig {
+            connect_timeout: GUEST_ACCEPT_TIMEOUT,
+            ..VsockConfig::default()
+        };
         let ready_listener = match &spec.readiness {
             Readiness::VsockConnect { port } => {
                 vsock = vsock.allow_host_port(*port);

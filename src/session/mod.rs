@@ -45,7 +45,7 @@ use std::time::Duration;
 pub use endpoint::Endpoint;
 pub use image::{
     Image, ImageDisk, ImageManifest, ImageSpec, Readiness, DEFAULT_GUEST_CID, DEFAULT_READY_PORT,
-    DEFAULT_READY_TIMEOUT, IMAGE_FORMAT, IMAGE_MANIFEST, IMAGE_SNAPSHOT,
+    DEFAULT_READY_TIMEOUT, GUEST_ACCEPT_TIMEOUT, IMAGE_FORMAT, IMAGE_MANIFEST, IMAGE_SNAPSHOT,
 };
 pub use root::{RootOptions, SessionRoot, DEFAULT_MERGE_AFTER, DEFAULT_TICK, LOCK_FILE};
 pub use session::{

@@ -145,10 +145,6 @@ pub struct Vsock {
     /// so nothing goes to rx (a REQUEST the guest accepted before it
     /// handled the reset would be reset with the old ones).
     rx_held: bool,
-    /// The event queue's available index when the reset went out: the
-    /// guest has handled the reset once it put a buffer back (a kick alone
-    /// is not enough: activation kicks every queue once).
-    held_avail: Option<u16>,
 }
 
 fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
@@ -323,7 +319,6 @@ impl Vsock {
             scratch: vec![0; MAX_PKT_LEN],
             tx_stalled: false,
             rx_held: false,
-            held_avail: None,
         }
     }
 
@@ -421,10 +416,6 @@ impl Vsock {
         if queue.needs_notification(mem).unwrap_or(true) {
             let _ = active.interrupt.signal_used_queue();
         }
-        let avail = queue
-            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-            .ok()
-            .map(|i| i.0);
         if written.is_none() || added.is_err() {
             self.fail("event buffer outside guest memory or smaller than an event");
             return Err(VsockError::BadEventBuffer);
@@ -432,7 +423,6 @@ impl Vsock {
         self.backend.close_all();
         // Linux handles the event, refills the buffer and kicks the queue.
         self.rx_held = true;
-        self.held_avail = avail;
         let _ = self.wake.write(1);
         Ok(())
     }
@@ -440,21 +430,7 @@ impl Vsock {
     /// The guest kicked the event queue: it has handled the events it was
     /// given (a transport reset among them), so rx may go on.
     pub(super) fn event_queue_kicked(&mut self) {
-        if !self.rx_held {
-            return;
-        }
-        // Only a buffer put back counts: the kick activation gives every
-        // queue (a restore activates, then resets) must not end the hold.
-        let refilled = match (&self.active, self.held_avail) {
-            (Some(active), Some(then)) => active.queues[EVQ]
-                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-                .map_or(true, |now| now.0 != then),
-            _ => true,
-        };
-        if refilled {
-            self.rx_held = false;
-            self.held_avail = None;
-        }
+        self.rx_held = false;
     }
 
     /// Marks the device as needing a reset and tells the driver.
