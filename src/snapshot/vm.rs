@@ -775,6 +775,12 @@ mod aarch64 {
             .map(|v| regs::mpidr(v.fd(), v.index()))
             .collect::<Result<Vec<_>, ArchError>>()?;
         core.gic.restore(&mpidrs, &state.gic)?;
+        // Interrupts the devices raised while they were restored (vsock's
+        // transport reset) went in before the vGIC's state and were lost
+        // under it: raise them again.
+        for transport in &devices.transports {
+            lock(transport).resignal_pending().map_err(Error::Host)?;
+        }
         // After the vGIC's state, which would clear it: the guest sees the
         // ID changed when its vCPUs start, and reseeds its RNG.
         if let Some(saved) = &state.vmgenid {

@@ -233,6 +233,12 @@ impl MmioTransport {
         lock(&self.device).save_backend()
     }
 
+    /// Raises the device's interrupt again if the driver has bits pending
+    /// (see [`Interrupt::resignal`](super::Interrupt::resignal)).
+    pub fn resignal_pending(&self) -> std::io::Result<()> {
+        self.interrupt.resignal()
+    }
+
     /// Puts a freshly built transport (and its device) into a saved state:
     /// the saved queues are rebuilt through virtio-queue's checks, and a
     /// device the driver had started is activated on them again. The state

@@ -107,6 +107,17 @@ impl Interrupt {
         self.raise(interrupt_status::CONFIG_CHANGE)
     }
 
+    /// Raises the interrupt again if bits are pending. A restore calls it
+    /// once the vGIC's saved state is in: an interrupt a device raised while
+    /// it was restored (vsock's transport reset) would otherwise be lost
+    /// under it, and the driver would not look until the next one.
+    pub fn resignal(&self) -> io::Result<()> {
+        if self.status() != 0 {
+            vm_superio::Trigger::trigger(&self.trigger)?;
+        }
+        Ok(())
+    }
+
     /// The pending interrupt bits.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)

@@ -145,6 +145,10 @@ pub struct Vsock {
     /// so nothing goes to rx (a REQUEST the guest accepted before it
     /// handled the reset would be reset with the old ones).
     rx_held: bool,
+    /// The event queue's available index when the reset went out: the
+    /// guest has handled the reset once it put a buffer back (a kick alone
+    /// is not enough: activation kicks every queue once).
+    held_avail: Option<u16>,
 }
 
 fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
@@ -319,6 +323,7 @@ impl Vsock {
             scratch: vec![0; MAX_PKT_LEN],
             tx_stalled: false,
             rx_held: false,
+            held_avail: None,
         }
     }
 
@@ -416,6 +421,28 @@ impl Vsock {
         if queue.needs_notification(mem).unwrap_or(true) {
             let _ = active.interrupt.signal_used_queue();
         }
+        let avail = queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .ok()
+            .map(|i| i.0);
+        // Ask for the kick that says the guest put the buffer back: with
+        // VIRTIO_F_EVENT_IDX the guest kicks only when its new available
+        // index passes the avail_event we publish. Other event buffers are
+        // still unused, so it is the index the guest has reached now, not
+        // our next one (which the guest passed long ago).
+        if let (true, Some(now)) = (queue.event_idx_enabled(), avail) {
+            // The used ring was checked to lie in guest memory, its
+            // trailing avail_event included, when the queue was activated.
+            let offset = 4 + 8 * u64::from(queue.size());
+            if let Some(at) = queue.used_ring().checked_add(offset) {
+                let _ = vm_memory::Bytes::store(
+                    mem,
+                    now.to_le(),
+                    vm_memory::GuestAddress(at),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+        }
         if written.is_none() || added.is_err() {
             self.fail("event buffer outside guest memory or smaller than an event");
             return Err(VsockError::BadEventBuffer);
@@ -423,6 +450,7 @@ impl Vsock {
         self.backend.close_all();
         // Linux handles the event, refills the buffer and kicks the queue.
         self.rx_held = true;
+        self.held_avail = avail;
         let _ = self.wake.write(1);
         Ok(())
     }
@@ -430,7 +458,21 @@ impl Vsock {
     /// The guest kicked the event queue: it has handled the events it was
     /// given (a transport reset among them), so rx may go on.
     pub(super) fn event_queue_kicked(&mut self) {
-        self.rx_held = false;
+        if !self.rx_held {
+            return;
+        }
+        // Only a buffer put back counts: the kick activation gives every
+        // queue (a restore activates, then resets) must not end the hold.
+        let refilled = match (&self.active, self.held_avail) {
+            (Some(active), Some(then)) => active.queues[EVQ]
+                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+                .map_or(true, |now| now.0 != then),
+            _ => true,
+        };
+        if refilled {
+            self.rx_held = false;
+            self.held_avail = None;
+        }
     }
 
     /// Marks the device as needing a reset and tells the driver.
@@ -483,6 +525,11 @@ impl Vsock {
     /// One pass over rx, then tx and rx again. Returns whether rx has more
     /// to deliver than the pass's bound allowed.
     fn queue_pass(&mut self, tx_kick: bool, used: &mut [bool; 2]) -> Result<bool, &'static str> {
+        if self.rx_held {
+            // The refill may come without a kick of its own (or before
+            // ours is read): any pass looks.
+            self.event_queue_kicked();
+        }
         let Some(active) = self.active.as_mut() else {
             return Ok(false);
         };
