@@ -176,7 +176,6 @@ impl<'a> Rig<'a> {
         self.dev.lock().unwrap().save_backend().unwrap();
     }
 
-    /// Runs a batch once and checks that every request succeeded.
     /// Runs `n` requests and returns their statuses unless all are OK.
     fn check(&mut self, kind: u32, n: usize, segments: u16, seg_len: u32) -> Result<(), Vec<u8>> {
         let poison = vec![0xffu8; n];
