@@ -102,7 +102,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     for (name, s) in &sessions {
         let info = s.info();
         println!(
-            "suspend {name:5} {} , its chain: {} layer(s) on the image",
+            "suspend {name:5} {}; its chain: {} layer(s) on the image",
             info.last_suspend.map(ms).unwrap_or_default(),
             info.chain_len
         );
