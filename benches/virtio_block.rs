@@ -100,6 +100,10 @@ impl<'a> Rig<'a> {
         let vq = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
         let mut queue: Queue = vq.create_queue().unwrap();
         queue.set_used_ring_address(Some(u32::try_from(USED_RING).unwrap()), Some(0));
+        // A fresh used ring: an earlier rig's index there would end `run`'s
+        // wait before the device saw the requests.
+        mem.write_obj(0u16, GuestAddress(USED_RING).unchecked_add(2))
+            .unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFdTrigger::new().unwrap()));
         dev.activate(mem.clone(), interrupt, vec![queue]).unwrap();
         let dev = Arc::new(Mutex::new(dev));
