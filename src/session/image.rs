@@ -255,7 +255,8 @@ impl Image {
             connect_timeout: GUEST_ACCEPT_TIMEOUT,
             ..VsockConfig::default()
         };
-        let ready_listener = match &spec.readiness {
+        // The socket the guest's readiness connection reaches, and its path.
+        let ready_socket = match &spec.readiness {
             Readiness::VsockConnect { port } => {
                 vsock = vsock.allow_host_port(*port);
                 let path = PathBuf::from(format!("{}_{port}", uds.display()));
@@ -263,7 +264,7 @@ impl Image {
                 listener
                     .set_nonblocking(true)
                     .map_err(files::io("configure", &path))?;
-                Some(listener)
+                Some((listener, path))
             }
             Readiness::ConsoleLine(_) => None,
         };
@@ -271,16 +272,16 @@ impl Image {
         let console = ConsoleTail::default();
         let mut vm = builder.serial_output(console.clone()).build()?;
         vm.start()?;
-        let ready = wait_ready(&mut vm, spec, ready_listener.as_ref(), &console);
-        drop(ready_listener);
-        let _ = std::fs::remove_file(format!(
-            "{}_{}",
-            uds.display(),
-            match spec.readiness {
-                Readiness::VsockConnect { port } => port,
-                Readiness::ConsoleLine(_) => 0,
-            }
-        ));
+        let ready = wait_ready(
+            &mut vm,
+            spec,
+            ready_socket.as_ref().map(|(l, _)| l),
+            &console,
+        );
+        if let Some((listener, path)) = ready_socket {
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+        }
         ready?;
         vm.pause()?;
         let snapshot_dir = dir.join(IMAGE_SNAPSHOT);

@@ -37,7 +37,6 @@ mod image;
 mod root;
 #[allow(clippy::module_inception)]
 mod session;
-mod vmm;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -185,7 +184,7 @@ pub enum SessionError {
     },
     /// A disk layer could not be used or merged.
     #[error(transparent)]
-    Disk(crate::devices::virtio::block::LayerError),
+    Disk(#[from] crate::devices::virtio::block::LayerError),
     /// A configuration value is invalid.
     #[error("invalid session configuration: {0}")]
     Config(String),

@@ -14,6 +14,7 @@ use super::console::ConsoleTail;
 use super::endpoint::{self, Endpoint, Forward, Listener};
 use super::image::Image;
 use super::{files, SessionError};
+use crate::devices::virtio::block::{map_path, merge_layers, DiskLayers};
 use crate::seccomp::{ThreadFilters, ThreadKind};
 use crate::MicroVm;
 
@@ -583,6 +584,21 @@ impl Session {
     }
 }
 
+/// Removes a disk layer (its data file and its map): a running VM's top
+/// left by a crash.
+fn remove_layer(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(map_path(path));
+}
+
+/// Turns a suspended VM's disk top into a frozen layer at `layer`: the
+/// snapshot just wrote its map, so the pair is consistent; both move.
+fn freeze(top: &Path, layer: &Path) -> Result<(), SessionError> {
+    std::fs::rename(top, layer).map_err(files::io("move the disk layer", top))?;
+    let map = map_path(top);
+    std::fs::rename(&map, map_path(layer)).map_err(files::io("move the disk layer map", &map))
+}
+
 /// Removes what a crash can leave in a session directory: layers not in
 /// the committed chain, the running VM's disk layers, its vsock socket.
 fn remove_uncommitted(dir: &Path, chain: &[String]) {
@@ -653,7 +669,8 @@ impl Inner {
         self.last_activity_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
-    fn layer_files(&self, layer: &str, disk: usize) -> PathBuf {
+    /// The data file of disk `disk`'s layer in the layer directory `layer`.
+    fn layer_file(&self, layer: &str, disk: usize) -> PathBuf {
         self.dir.join(layer).join(format!("disk{disk}.layer"))
     }
 
@@ -678,15 +695,8 @@ impl Inner {
         if let Some(kvm) = &self.kvm_device {
             restore = restore.kvm_device(kvm);
         }
-        for i in 0..self.image.manifest().disks.len() {
-            let base = self
-                .image
-                .disk_path(i)
-                .ok_or_else(|| SessionError::ImageDiskMissing {
-                    dir: self.image.dir().to_path_buf(),
-                    index: i,
-                    path: PathBuf::new(),
-                })?;
+        for (i, disk) in self.image.manifest().disks.iter().enumerate() {
+            let base = self.image.dir().join(&disk.file);
             if !base.is_file() {
                 return Err(SessionError::ImageDiskMissing {
                     dir: self.image.dir().to_path_buf(),
@@ -694,15 +704,15 @@ impl Inner {
                     path: base,
                 });
             }
-            let layers: Vec<PathBuf> = slot
+            let layers = slot
                 .record
                 .chain
                 .iter()
-                .map(|l| self.layer_files(l, i))
+                .map(|l| self.layer_file(l, i))
                 .collect();
             let top = self.top(i);
-            super::vmm::remove_layer(&top);
-            restore = super::vmm::attach(restore, i, base, layers, top);
+            remove_layer(&top);
+            restore = restore.block_layers(i, DiskLayers { base, layers, top });
         }
         let vm = restore.build()?;
         slot.vm = Some(vm);
@@ -758,7 +768,7 @@ impl Inner {
         slot.state = SessionState::Suspended;
         super::crash_point(super::CrashPoint::AfterMemory);
         let frozen = (0..self.image.manifest().disks.len())
-            .try_for_each(|i| super::vmm::freeze(&self.top(i), &self.layer_files(&name, i)))
+            .try_for_each(|i| freeze(&self.top(i), &self.layer_file(&name, i)))
             .and_then(|()| files::sync_dir(&layer));
         if let Err(e) = frozen {
             log::error!(
@@ -836,8 +846,8 @@ impl Inner {
             let dirs: Vec<PathBuf> = names.iter().map(|n| self.dir.join(n)).collect();
             crate::snapshot::merge_diffs(&dirs, &out)?;
             for i in 0..self.image.manifest().disks.len() {
-                let layers: Vec<PathBuf> = names.iter().map(|n| self.layer_files(n, i)).collect();
-                super::vmm::merge(&layers, &self.layer_files(&out_name, i))?;
+                let layers: Vec<PathBuf> = names.iter().map(|n| self.layer_file(n, i)).collect();
+                merge_layers(&layers, &self.layer_file(&out_name, i))?;
             }
             files::sync_dir(&out)
         })();
@@ -900,7 +910,7 @@ impl Forward for Inner {
             .vm
             .as_ref()
             .ok_or_else(|| SessionError::Terminated(self.id.clone()))?;
-        let stream = super::vmm::connect(vm, port)?;
+        let stream = vm.vsock_connect(port)?;
         self.active_streams.fetch_add(1, Ordering::AcqRel);
         Ok((stream, resumed))
     }
