@@ -61,6 +61,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod dirty;
 pub mod event_loop;
+mod fsutil;
 pub mod log_limit;
 pub mod memory;
 mod microvm;

@@ -1,10 +1,9 @@
 //! Small file helpers for images and sessions: atomic JSON records, hex
 //! ids, private directories.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -29,36 +28,31 @@ pub(super) fn private_dir(dir: &Path) -> Result<(), SessionError> {
         .map_err(io("create the directory", dir))
 }
 
-/// fsyncs a directory, so that renames and new entries in it are durable.
-pub(super) fn sync_dir(dir: &Path) -> Result<(), SessionError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync the directory", dir))
+impl From<crate::fsutil::StepError> for SessionError {
+    fn from(e: crate::fsutil::StepError) -> Self {
+        SessionError::Io {
+            what: e.what,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
-/// Writes `value` as JSON to `path` atomically: a `0600` temporary file,
-/// fsync, rename over `path`, fsync of the directory. A crash leaves
-/// either the old record or the new one, never a mix.
+/// fsyncs a directory, so that renames and new entries in it are durable.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), SessionError> {
+    Ok(crate::fsutil::sync_dir(dir)?)
+}
+
+/// Writes `value` as JSON to `path` atomically
+/// ([`replace_file`](crate::fsutil::replace_file)): a crash leaves either
+/// the old record or the new one, never a mix.
 pub(super) fn write_record<T: Serialize>(path: &Path, value: &T) -> Result<(), SessionError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| SessionError::Io {
         what: "encode",
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    let tmp = tmp_path(path);
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    file.write_all(&bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    Ok(crate::fsutil::replace_file(path, &bytes)?)
 }
 
 /// Reads a JSON record, refusing symlinks, non-regular files and anything
@@ -97,12 +91,6 @@ pub(super) fn read_record<T: DeserializeOwned>(
         .read_to_end(&mut bytes)
         .map_err(io("read", path))?;
     serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// `bytes` as lower-case hex.

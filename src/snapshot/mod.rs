@@ -386,9 +386,11 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
 }
 
 fn fsync_dir(path: &Path) -> Result<(), SnapshotError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync the directory", path))
+    crate::fsutil::sync_dir(path).map_err(|e| SnapshotError::Io {
+        what: e.what,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Atomically swaps two directory entries (Linux renameat2 RENAME_EXCHANGE).

@@ -43,7 +43,7 @@
 //! last chunk must be clear. Each failure is its own [`LayerError`].
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -535,47 +535,17 @@ impl ChunkMap {
     /// Writes the map of the layer `data` atomically: a temporary file,
     /// fsynced, renamed over the map, then the directory fsynced.
     pub(super) fn persist(&self, data: &Path, disk_size: u64) -> Result<(), LayerError> {
-        let path = map_path(data);
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let err = |what, p: &Path| {
-            let p = p.to_owned();
-            move |source| LayerError::Persist {
-                what,
-                path: p,
-                source,
-            }
-        };
-        let bytes = self.encode(disk_size);
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .open(&tmp)
-                .map_err(err("create", &tmp))?;
-            file.write_all(&bytes).map_err(err("write", &tmp))?;
-            file.sync_all().map_err(err("fsync", &tmp))?;
-            std::fs::rename(&tmp, &path).map_err(err("rename into place", &path))
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written?;
-        sync_parent(&path).map_err(err("fsync the directory of", &path))
+        crate::fsutil::replace_file(&map_path(data), &self.encode(disk_size)).map_err(persist_error)
     }
 }
 
-/// fsyncs the directory holding `path`, so a rename into it is durable.
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+/// A failed step of writing a map (or a merged layer) as a layer error.
+fn persist_error(e: crate::fsutil::StepError) -> LayerError {
+    LayerError::Persist {
+        what: e.what,
+        path: e.path,
+        source: e.source,
+    }
 }
 
 /// A layer's data file opened and checked, and its map.
@@ -1037,7 +1007,11 @@ pub fn merge_layers(layers: &[PathBuf], out: &Path) -> Result<(), LayerError> {
         merged.persist(&tmp, size)?;
         std::fs::rename(&tmp, out).map_err(fail("rename into place", out))?;
         std::fs::rename(map_path(&tmp), &out_map).map_err(fail("rename into place", &out_map))?;
-        sync_parent(out).map_err(fail("fsync the directory of", out))
+        crate::fsutil::sync_parent(out).map_err(|e| LayerError::Merge {
+            what: "fsync the directory of",
+            path: out.to_owned(),
+            source: e.source,
+        })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
