@@ -42,6 +42,7 @@ commands:
 environment:
   DORMOUSE_RIG_MEM_MB        memory of the emulated host (default 4096)
   DORMOUSE_RIG_TIMEOUT_SECS  kill the emulated host after this long (default 1500)
+  DORMOUSE_BENCH_ONLY        bench: run only these bench binaries (e.g. resume,snapshot)
   RUST_BACKTRACE, RUST_LOG, RUST_TEST_NOCAPTURE and DORMOUSE_* are passed into it
 ";
 

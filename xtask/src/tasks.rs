@@ -332,7 +332,20 @@ pub fn bench(args: &[String]) -> Result<i32> {
     cross::check_debian_toolchain()?;
     // benches/session.rs puts the tool in its guests.
     build_guest_tools(&rig)?;
-    let artifacts = cross::build(Build::Benches)?;
+    let mut artifacts = cross::build(Build::Benches)?;
+    // DORMOUSE_BENCH_ONLY=resume,snapshot runs only those bench binaries: a
+    // criterion filter skips measurements, not a binary's own set-up.
+    if let Ok(only) = std::env::var("DORMOUSE_BENCH_ONLY") {
+        let wanted: Vec<String> = only
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("bench-{}", n.trim()))
+            .collect();
+        artifacts.retain(|a| wanted.contains(&a.name));
+        if artifacts.is_empty() {
+            bail!("DORMOUSE_BENCH_ONLY={only:?} names no bench binary (benches/*.rs)");
+        }
+    }
     if artifacts.is_empty() {
         bail!(
             "cargo metadata lists benches ({}) but the cross build produced no bench executable",
