@@ -266,6 +266,7 @@ mod aarch64 {
             serial::spawn_input_thread(Arc::downgrade(&serial), input, &threads.filters)?;
         }
         Ok(MicroVm {
+            working_set: Default::default(),
             snapshot_id: None,
             dirty: core.dirty,
             run: RunState::Paused,

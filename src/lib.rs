@@ -155,6 +155,9 @@ pub enum Error {
     /// Taking or restoring a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// A working set could not be recorded or saved.
+    #[error(transparent)]
+    WorkingSet(#[from] snapshot::working_set::WorkingSetError),
     /// A seccomp filter could not be built or installed, or a thread made
     /// a system call its filter forbids.
     #[error(transparent)]

@@ -77,6 +77,8 @@ pub(crate) enum RunState {
 // Only aarch64 hosts build VMs; elsewhere some parts are never read.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 pub struct MicroVm {
+    /// The working-set threads of a restored VM (first: they stop first).
+    pub(crate) working_set: crate::snapshot::working_set::Threads,
     /// The snapshot this VM's memory was last written to or restored from:
     /// what a diff snapshot is relative to.
     pub(crate) snapshot_id: Option<crate::snapshot::SnapshotId>,

@@ -95,6 +95,10 @@ const CONSOLE_INPUT: &[&str] = &["read", "readv", "recvfrom", "recvmsg"];
 /// pipe or a socket).
 const CONSOLE_OUTPUT: &[&str] = &["fdatasync", "fsync", "sendmsg", "sendto", "writev"];
 
+/// The guest memory thread: `madvise` (common) to load a working set, and
+/// `pread64` to read `/proc/self/pagemap` when recording one.
+const MEMORY: &[&str] = &["pread64"];
+
 /// The system calls a thread kind's default filter allows without looking
 /// at their arguments, sorted.
 pub fn allowed_syscalls(kind: ThreadKind) -> Vec<&'static str> {
@@ -103,6 +107,7 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<&'static str> {
         ThreadKind::DeviceIo => DEVICE_IO,
         ThreadKind::ConsoleInput => CONSOLE_INPUT,
         ThreadKind::ConsoleOutput => CONSOLE_OUTPUT,
+        ThreadKind::Memory => MEMORY,
         // A deny list: everything but SESSION_DENIED.
         ThreadKind::Session => return Vec::new(),
     };
@@ -126,7 +131,10 @@ pub fn restricted_syscalls(kind: ThreadKind) -> Vec<(&'static str, &'static str)
             out.push(("socket", "AF_UNIX"));
             out.push(("fcntl", "F_GETFD, F_SETFD, F_GETFL, F_SETFL"));
         }
-        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput | ThreadKind::Session => {}
+        ThreadKind::ConsoleInput
+        | ThreadKind::ConsoleOutput
+        | ThreadKind::Memory
+        | ThreadKind::Session => {}
     }
     out
 }
@@ -253,7 +261,10 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
             let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL];
             rules.insert(number("fcntl")?, any_of(1, &fcntl.map(as_u64))?);
         }
-        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput | ThreadKind::Session => {}
+        ThreadKind::ConsoleInput
+        | ThreadKind::ConsoleOutput
+        | ThreadKind::Memory
+        | ThreadKind::Session => {}
     }
     Ok(rules)
 }

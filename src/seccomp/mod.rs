@@ -49,6 +49,9 @@ pub enum ThreadKind {
     ConsoleInput,
     /// The console output thread (`dormouse-console-out`).
     ConsoleOutput,
+    /// A guest memory thread (`dormouse-prefetch`, `dormouse-wsrec`): loads
+    /// a recorded working set, or records one from `/proc/self/pagemap`.
+    Memory,
     /// A session thread (`dormouse-accept`, `dormouse-endpoint`,
     /// `dormouse-sessions`, `dormouse-merge`): not a VM's, so not in
     /// [`ThreadKind::ALL`]; its filter is a deny list
@@ -58,11 +61,12 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::DeviceIo,
         ThreadKind::ConsoleInput,
         ThreadKind::ConsoleOutput,
+        ThreadKind::Memory,
     ];
 
     fn code(self) -> u8 {
@@ -72,6 +76,7 @@ impl ThreadKind {
             ThreadKind::ConsoleInput => 3,
             ThreadKind::ConsoleOutput => 4,
             ThreadKind::Session => 5,
+            ThreadKind::Memory => 6,
         }
     }
 
@@ -91,6 +96,7 @@ impl std::fmt::Display for ThreadKind {
             ThreadKind::ConsoleInput => "console input",
             ThreadKind::ConsoleOutput => "console output",
             ThreadKind::Session => "session",
+            ThreadKind::Memory => "guest memory",
         })
     }
 }

@@ -27,8 +27,10 @@
 pub mod compat;
 pub mod format;
 mod vm;
+pub mod working_set;
 
 pub use vm::{Restore, SnapshotInfo};
+pub use working_set::{WorkingSet, WORKING_SET_FILE};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

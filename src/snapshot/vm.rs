@@ -162,6 +162,30 @@ impl MicroVm {
         }
     }
 
+    /// Returns the working set the guest has touched since this VM was
+    /// restored, in the order of first touch, and stops recording. Call it
+    /// at the point a restore should be ready for (after the guest's first
+    /// answer, say), then save it next to the snapshot with
+    /// [`WorkingSet::save`](crate::snapshot::WorkingSet::save): the next
+    /// restore of that snapshot loads those pages while its vCPUs start.
+    ///
+    /// Needs a VM restored with
+    /// [`Restore::record_working_set(true)`](Restore::record_working_set).
+    /// Pages a prefetch loaded count as touched: record on a restore made
+    /// with [`Restore::prefetch(false)`](Restore::prefetch) to shrink a
+    /// working set.
+    pub fn record_working_set(&mut self) -> Result<crate::snapshot::WorkingSet, Error> {
+        Ok(self.working_set.finish_recording()?)
+    }
+
+    /// Waits until the working-set prefetch of this restored VM has
+    /// finished and returns how many pages it loaded; `None` if this VM
+    /// prefetches nothing (it was not restored, or its snapshot has no
+    /// usable working set).
+    pub fn wait_for_prefetch(&mut self) -> Option<u64> {
+        self.working_set.prefetcher.take().map(|p| p.wait())
+    }
+
     /// Starts restoring the snapshot in `dir`; see [`Restore`].
     pub fn restore(dir: impl Into<PathBuf>) -> Restore {
         Self::restore_chain([dir.into()])
@@ -182,6 +206,8 @@ impl MicroVm {
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             resume: false,
             seccomp: crate::seccomp::SeccompPolicy::Default,
+            prefetch: true,
+            record_working_set: false,
         }
     }
 }
@@ -271,6 +297,8 @@ pub struct Restore {
     kvm_device: PathBuf,
     resume: bool,
     seccomp: crate::seccomp::SeccompPolicy,
+    prefetch: bool,
+    record_working_set: bool,
 }
 
 /// What backs a restored disk instead of the path its snapshot names.
@@ -385,6 +413,27 @@ impl Restore {
     /// [`MicroVmBuilder::seccomp_policy`](crate::MicroVmBuilder::seccomp_policy).
     pub fn seccomp_policy(mut self, policy: crate::seccomp::SeccompPolicy) -> Self {
         self.seccomp = policy;
+        self
+    }
+
+    /// Whether to load the snapshot's recorded working set (default: yes).
+    /// If the newest snapshot directory of the chain holds a
+    /// [`WORKING_SET_FILE`](crate::snapshot::WORKING_SET_FILE) recorded for
+    /// that snapshot, a thread loads those pages into guest memory, in the
+    /// order the guest first touched them, while the vCPUs start; the rest
+    /// of memory stays lazy. The restore call does not wait for it. A
+    /// missing file changes nothing; a stale or damaged one is logged as a
+    /// warning and ignored.
+    pub fn prefetch(mut self, prefetch: bool) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Whether to record the guest's working set from the restore on
+    /// (default: no): a thread samples which guest pages the guest has
+    /// touched until [`MicroVm::record_working_set`] returns them.
+    pub fn record_working_set(mut self, record: bool) -> Self {
+        self.record_working_set = record;
         self
     }
 
@@ -571,12 +620,19 @@ mod aarch64 {
                 .try_clone()
                 .map_err(|e| bad(format!("duplicating the memory file: {e}")))?;
             // The same dirty bitmap a freshly built VM's memory has.
-            let bitmap = AtomicBitmap::with_len(size);
-            let region = MmapRegionBuilder::new_with_bitmap(size, bitmap)
-                .with_file_offset(FileOffset::new(fd, r.file_offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
+            let build = || {
+                let bitmap = AtomicBitmap::with_len(size);
+                MmapRegionBuilder::new_with_bitmap(size, bitmap)
+                    .with_file_offset(FileOffset::new(
+                        fd.try_clone()
+                            .map_err(vm_memory::mmap::MmapRegionError::Mmap)?,
+                        r.file_offset,
+                    ))
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                    .build()
+            };
+            let region = crate::snapshot::working_set::huge_aligned(size, build)
                 .map_err(|e| bad(format!("mapping the memory file: {e}")))?;
             let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
                 .ok_or_else(|| bad("memory region wraps the address space".into()))?;
@@ -703,6 +759,60 @@ mod aarch64 {
         Ok(configs)
     }
 
+    /// Starts the recorder and the prefetcher a restore asks for, before
+    /// the vCPUs run.
+    fn start_working_set_threads(
+        vm: &mut MicroVm,
+        restore: &Restore,
+        set: Option<crate::snapshot::WorkingSet>,
+        id: super::super::SnapshotId,
+    ) -> Result<(), Error> {
+        use crate::snapshot::working_set::{
+            host_range, install_huge, outside, Prefetcher, Recorder,
+        };
+        let range = host_range(&vm.memory)
+            .ok_or(Error::Internal("restored guest memory is not one region"))?;
+        if restore.record_working_set {
+            let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(Error::Host)?;
+            let recorder = Recorder::start(pagemap, range, &vm.seccomp)?;
+            vm.working_set.recorder = Some((recorder, id, vm.config.memory_size));
+        }
+        if let Some(set) = set {
+            let start = std::time::Instant::now();
+            // Dense chunks into huge pages now, while nothing runs; the
+            // scattered rest on a thread while the vCPUs start.
+            let (covered, chunks) = match install_huge(&set, range, vm.config.memory_size) {
+                Ok(done) => done,
+                Err(e) => {
+                    log::warn!(
+                        "could not copy the working set into huge pages ({e}); it loads \
+                             page by page"
+                    );
+                    (0, Vec::new())
+                }
+            };
+            let rest = outside(set.runs(), &chunks);
+            log::debug!(
+                "working set of {} pages ({} runs): {} pages in {} huge pages in {:?}, {} pages \
+                 to prefetch",
+                set.pages(),
+                set.runs().len(),
+                covered,
+                chunks.len(),
+                start.elapsed(),
+                set.pages() - covered
+            );
+            vm.working_set.prefetcher = Some(Prefetcher::start(
+                rest,
+                covered,
+                range,
+                vm.memory.clone(),
+                &vm.seccomp,
+            )?);
+        }
+        Ok(())
+    }
+
     /// A random generation ID other than `old`.
     fn new_generation_id(old: &[u8; VMGENID_LEN]) -> Result<[u8; VMGENID_LEN], Error> {
         let mut id = *old;
@@ -737,6 +847,21 @@ mod aarch64 {
                 memory
             }
             None => map_memory(&newest.memory, &newest.state.memory)?,
+        };
+        let working_set = if restore.prefetch {
+            match crate::snapshot::WorkingSet::load(&newest.dir, &newest.state) {
+                Ok(set) => set,
+                Err(e) => {
+                    log::warn!(
+                        "not prefetching the working set of {}: {e}; guest memory loads on \
+                         demand",
+                        newest.dir.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
         };
         let state = newest.state;
         let core = create_core(
@@ -793,6 +918,7 @@ mod aarch64 {
         };
         let mut vm = assemble(core, devices, config, threads)?;
         vm.snapshot_id = Some(state.id);
+        start_working_set_threads(&mut vm, &restore, working_set, state.id)?;
         if restore.resume {
             vm.start()?;
         }

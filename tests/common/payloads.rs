@@ -214,6 +214,42 @@ pub const TICKER: &[u32] = &[
     0x00000020, // .short 0x0020; .short 0x0000
 ];
 
+/// Assembled from `tests/payloads/touch.S`.
+pub const TOUCH: &[u32] = &[
+    // _start:
+    0xd2b00005, // mov x5, #0x80000000 // #2147483648
+    0x914004a7, // add x7, x5, #0x1, lsl #12
+    // outer:
+    0xf94014ea, // ldr x10, [x7, #40]
+    0xf94018eb, // ldr x11, [x7, #48]
+    0xeb0b015f, // cmp x10, x11
+    0x54ffffa0, // b.eq 8 <outer> // b.none
+    0xf94000e0, // ldr x0, [x7]
+    0xf94004e1, // ldr x1, [x7, #8]
+    0xf94008e2, // ldr x2, [x7, #16]
+    0xf9400ce3, // ldr x3, [x7, #24]
+    0xf94010e4, // ldr x4, [x7, #32]
+    0xd2800006, // mov x6, #0x0 // #0
+    0xd280000c, // mov x12, #0x0 // #0
+    0xeb0200df, // cmp x6, x2
+    0x540001a2, // b.cs 6c <outer+0x64> // b.hs, b.nlast
+    0x9b047ccd, // mul x13, x6, x4
+    0x9ac209ae, // udiv x14, x13, x2
+    0x9b02b5cd, // msub x13, x14, x2, x13
+    0x9b0305ad, // madd x13, x13, x3, x1
+    0x8b0d30ad, // add x13, x5, x13, lsl #12
+    0xb4000060, // cbz x0, 5c <outer+0x54>
+    0xf90001aa, // str x10, [x13]
+    0x14000003, // b 64 <outer+0x5c>
+    0xf94001ae, // ldr x14, [x13]
+    0x8b0e018c, // add x12, x12, x14
+    0x910004c6, // add x6, x6, #0x1
+    0x17fffff3, // b 34 <outer+0x2c>
+    0xf9001cec, // str x12, [x7, #56]
+    0xf90018ea, // str x10, [x7, #48]
+    0x17ffffe5, // b 8 <outer>
+];
+
 /// Assembled from `tests/payloads/unowned.S`.
 pub const UNOWNED: &[u32] = &[
     // _start:
