@@ -150,6 +150,9 @@ fn a_recorded_working_set_is_loaded_by_the_next_restore() {
         vm.record_working_set(),
         Err(Error::WorkingSet(WorkingSetError::NotRecording))
     ));
+    // Recording ended cleanly: the VM still runs (its threads kept to
+    // their seccomp filters).
+    assert_eq!(run_round(&mut vm, &request()), 300);
     set.save(&dir).unwrap();
     drop(vm);
 

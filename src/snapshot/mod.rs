@@ -867,10 +867,31 @@ pub fn merge_diffs(diffs: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
         .map(|r| r.file_offset.saturating_add(r.size))
         .max()
         .unwrap_or(0);
+    let newest_dir = newest.dir.clone();
     write_dir(out, &bytes, |file| {
         file.set_len(len)?;
         copy_diff_pages(&layers, file)
-    })
+    })?;
+    carry_working_set(&newest_dir, out);
+    Ok(())
+}
+
+/// A merged snapshot keeps the newest layer's id, so the working set
+/// recorded for that layer still applies: copy it over. Best effort: it
+/// is only an optimisation, and a restore checks it again.
+fn carry_working_set(from: &Path, to: &Path) {
+    match working_set::WorkingSet::load_any(from) {
+        Ok(Some(set)) => {
+            if let Err(e) = set.save(to) {
+                log::warn!(
+                    "the merged snapshot {} has no working set: {e}",
+                    to.display()
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(e) => log::warn!("not carrying the working set of {}: {e}", from.display()),
+    }
 }
 
 #[cfg(test)]

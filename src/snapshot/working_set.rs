@@ -312,6 +312,27 @@ impl WorkingSet {
     /// `state`, and checks that it belongs to that snapshot. `Ok(None)` if
     /// there is none.
     pub fn load(dir: &Path, state: &VmState) -> Result<Option<Self>, WorkingSetError> {
+        let Some(set) = Self::load_any(dir)? else {
+            return Ok(None);
+        };
+        if set.snapshot != state.id {
+            return Err(WorkingSetError::Stale {
+                expected: state.id,
+                found: set.snapshot,
+            });
+        }
+        if set.memory_size != state.config.memory_size {
+            return Err(WorkingSetError::Inconsistent(format!(
+                "recorded for a guest of {} bytes, the snapshot's has {}",
+                set.memory_size, state.config.memory_size
+            )));
+        }
+        Ok(Some(set))
+    }
+
+    /// Reads the working-set file in `dir`, whichever snapshot it names.
+    /// `Ok(None)` if there is none.
+    pub fn load_any(dir: &Path) -> Result<Option<Self>, WorkingSetError> {
         let path = dir.join(WORKING_SET_FILE);
         let (file, size) = match super::open_untrusted(&path) {
             Ok(opened) => opened,
@@ -339,20 +360,7 @@ impl WorkingSet {
                 path: path.clone(),
                 source,
             })?;
-        let set = Self::decode(&bytes)?;
-        if set.snapshot != state.id {
-            return Err(WorkingSetError::Stale {
-                expected: state.id,
-                found: set.snapshot,
-            });
-        }
-        if set.memory_size != state.config.memory_size {
-            return Err(WorkingSetError::Inconsistent(format!(
-                "recorded for a guest of {} bytes, the snapshot's has {}",
-                set.memory_size, state.config.memory_size
-            )));
-        }
-        Ok(Some(set))
+        Self::decode(&bytes).map(Some)
     }
 }
 
@@ -707,6 +715,9 @@ fn runs_of(pages: &[bool], seen: &mut [bool]) -> Vec<(u64, u64)> {
 /// became resident since the one before, so the runs come out in the order
 /// of first touch to within a sample.
 pub(crate) struct Recorder {
+    /// Closed by the owner, never by the thread: its filter has no
+    /// `fcntl`, which debug builds of std call when a file closes.
+    _pagemap: Arc<File>,
     stop: Arc<AtomicBool>,
     state: Arc<Mutex<RecorderState>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -756,7 +767,7 @@ impl Recorder {
         // made resident comes first.
         lock(&state).sample(&pagemap, range);
         let thread = {
-            let (stop, state) = (stop.clone(), state.clone());
+            let (stop, state, pagemap) = (stop.clone(), state.clone(), pagemap.clone());
             crate::seccomp::spawn_thread(
                 "dormouse-wsrec",
                 crate::seccomp::ThreadKind::Memory,
@@ -779,6 +790,7 @@ impl Recorder {
             )?
         };
         Ok(Self {
+            _pagemap: pagemap,
             stop,
             state,
             thread: Some(thread),
@@ -832,6 +844,10 @@ pub(crate) struct Prefetcher {
     stop: Arc<AtomicBool>,
     loaded: Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// What keeps guest memory mapped while the thread runs; dropped by
+    /// the owner after the thread ended, never by the thread (whose filter
+    /// has no `fcntl`, which debug builds of std call when a file closes).
+    _keep: Box<dyn Send>,
 }
 
 /// The most one `madvise` call covers, so that a stop request is seen soon.
@@ -859,7 +875,6 @@ impl Prefetcher {
                 move || {
                     let started = Instant::now();
                     let result = prefetch(&runs, range, &stop, &loaded);
-                    drop(keep);
                     match result {
                         Ok(pages) => log::debug!(
                             "prefetched {pages} working-set pages in {:?}",
@@ -876,6 +891,7 @@ impl Prefetcher {
             stop,
             loaded,
             thread: Some(thread),
+            _keep: Box::new(keep),
         })
     }
 
