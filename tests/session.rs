@@ -97,26 +97,6 @@ fn session_idles_suspends_and_resumes_on_the_next_request() {
         info.chain_len, 1,
         "the first suspend is a diff on the image"
     );
-    // What the guest touched from its launch to its first answer went with
-    // the layer (the next resume prefetches it) and to the image (every
-    // later launch does).
-    let layers: Vec<_> = std::fs::read_dir(session.dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(layers.len(), 1, "{layers:?}");
-    assert!(
-        layers[0]
-            .join(dormouse::snapshot::WORKING_SET_FILE)
-            .is_file(),
-        "the suspend saved no working set"
-    );
-    assert!(image
-        .snapshot_dir()
-        .join(dormouse::snapshot::WORKING_SET_FILE)
-        .is_file());
     let suspended_rss = rss();
     eprintln!(
         "RSS running {} MiB, suspended {} MiB; suspend took {:?}",

@@ -237,8 +237,6 @@ pub(super) trait Forward: Send + Sync + 'static {
     /// The first byte from the guest reached a client whose connection
     /// resumed the session, `since` its accept.
     fn first_byte_after_resume(&self, since: Duration);
-    /// The guest answered a client (called for every chunk it sends).
-    fn guest_answered(&self) {}
     /// The session is ending: stop accepting and forwarding.
     fn stopping(&self) -> bool;
 }
@@ -345,7 +343,6 @@ fn forward(mut client: Client, guest_port: u32, session: &dyn Forward) {
                         first_byte_pending = false;
                         session.first_byte_after_resume(accepted.elapsed());
                     }
-                    session.guest_answered();
                     session.activity(n as u64);
                     if client.write_all(&buf[..n]).is_err() {
                         break;

@@ -178,10 +178,6 @@ impl SessionRecord {
     }
 }
 
-/// The longest a session's VM records its working set when the guest
-/// answers nothing: past it, what the guest touches is not its answer.
-pub const WORKING_SET_MAX_RECORD: Duration = Duration::from_secs(10);
-
 /// Latencies measured in this process.
 #[derive(Debug, Default, Clone, Copy)]
 struct Stats {
@@ -195,11 +191,6 @@ struct Stats {
 struct Slot {
     state: SessionState,
     vm: Option<MicroVm>,
-    /// The working set the VM recorded from its restore to its first
-    /// answer, saved with the next suspend's layer.
-    working_set: Option<crate::snapshot::WorkingSet>,
-    /// When the running VM was restored.
-    restored_at: Option<Instant>,
     record: SessionRecord,
     stats: Stats,
     merging: bool,
@@ -266,8 +257,6 @@ pub(super) struct Inner {
     active_streams: AtomicUsize,
     /// Whether a suspend is draining: new guest streams wait for it.
     draining: (Mutex<bool>, std::sync::Condvar),
-    /// Whether the running VM is recording its working set.
-    recording: AtomicBool,
 }
 
 /// A handle on one session; clones share it.
@@ -398,8 +387,6 @@ impl Session {
             slot: Mutex::new(Slot {
                 state: SessionState::Suspended,
                 vm: None,
-                working_set: None,
-                restored_at: None,
                 record,
                 stats: Stats::default(),
                 merging: false,
@@ -414,7 +401,6 @@ impl Session {
             filters,
             active_streams: AtomicUsize::new(0),
             draining: (Mutex::new(false), std::sync::Condvar::new()),
-            recording: AtomicBool::new(false),
         }))
     }
 
@@ -567,15 +553,6 @@ impl Session {
         if state == SessionState::Terminated {
             return false;
         }
-        if inner.recording.load(Ordering::Acquire) {
-            let mut slot = inner.lock();
-            if slot
-                .restored_at
-                .is_some_and(|t| t.elapsed() >= WORKING_SET_MAX_RECORD)
-            {
-                inner.finish_recording(&mut slot);
-            }
-        }
         if lifetime_over {
             if let Err(e) = inner.terminate("its lifetime ended") {
                 log::error!("session {}: terminate failed: {e}", inner.id);
@@ -711,7 +688,6 @@ impl Inner {
         let _ = std::fs::remove_file(&uds);
         let mut restore = MicroVm::restore_chain(chain)
             .serial_output(self.console.clone())
-            .record_working_set(true)
             .resume(true);
         if self.image.has_vsock() {
             restore = restore.vsock_uds(&uds);
@@ -740,9 +716,6 @@ impl Inner {
         }
         let vm = restore.build()?;
         slot.vm = Some(vm);
-        slot.working_set = None;
-        slot.restored_at = Some(Instant::now());
-        self.recording.store(true, Ordering::Release);
         slot.state = SessionState::Running;
         let took = started.elapsed();
         if !launch {
@@ -755,45 +728,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Stops the running VM's working-set recording (at its first answer,
-    /// after [`WORKING_SET_MAX_RECORD`], or at a suspend) and keeps the set
-    /// for the next suspend. A launch's set also goes to the image, if it
-    /// has none yet: every later launch prefetches it.
-    fn finish_recording(&self, slot: &mut Slot) {
-        if !self.recording.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let Some(vm) = slot.vm.as_mut() else {
-            return;
-        };
-        let set = match vm.record_working_set() {
-            Ok(set) => set,
-            Err(e) => {
-                log::warn!("session {}: no working set recorded: {e}", self.id);
-                return;
-            }
-        };
-        log::debug!(
-            "session {}: working set of {} pages after {:?}",
-            self.id,
-            set.pages(),
-            slot.restored_at.map(|t| t.elapsed())
-        );
-        let image_set = self
-            .image
-            .snapshot_dir()
-            .join(crate::snapshot::WORKING_SET_FILE);
-        if slot.record.chain.is_empty() && !image_set.exists() {
-            if let Err(e) = set.save(&self.image.snapshot_dir()) {
-                log::debug!("session {}: the image keeps no working set: {e}", self.id);
-            }
-        }
-        slot.working_set = Some(set);
-    }
-
     fn suspend_locked(&self, slot: &mut Slot, why: &str) -> Result<(), SessionError> {
         let started = Instant::now();
-        self.finish_recording(slot);
         let Some(mut vm) = slot.vm.take() else {
             slot.state = SessionState::Suspended;
             return Ok(());
@@ -821,20 +757,6 @@ impl Inner {
                 log::error!("session {}: resume after a failed suspend: {r}", self.id);
             }
             return Err(e.into());
-        }
-        // What the guest touched after the last restore until it answered
-        // is what it will likely touch after the next: the next resume
-        // (from this layer) prefetches it.
-        if let (Some(set), Some(id)) = (slot.working_set.take(), vm.snapshot_id) {
-            let saved =
-                crate::snapshot::WorkingSet::new(id, set.memory_size(), set.runs().to_vec())
-                    .and_then(|set| set.save(&layer));
-            if let Err(e) = saved {
-                log::warn!(
-                    "session {}: working set not saved ({e}); resume loads lazily",
-                    self.id
-                );
-            }
         }
         let vm_gone = {
             drop(vm);
@@ -1013,13 +935,6 @@ impl Forward for Inner {
 
     fn first_byte_after_resume(&self, since: Duration) {
         self.lock().stats.last_resume_to_first_byte = Some(since);
-    }
-
-    fn guest_answered(&self) {
-        if self.recording.load(Ordering::Acquire) {
-            let mut slot = self.lock();
-            self.finish_recording(&mut slot);
-        }
     }
 
     fn stopping(&self) -> bool {
