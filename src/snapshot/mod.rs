@@ -9,7 +9,8 @@
 //! - `memory`: raw guest RAM, page-aligned, which a restore maps
 //!   (`MAP_PRIVATE`) rather than reads. It must not change while a VM
 //!   restored from it runs: pages not yet touched are read from the file
-//!   on first access.
+//!   on first access. A full snapshot writes it sparse: pages without
+//!   data are holes, which read as zeros (`sparse`).
 //!
 //! Writing is crash-safe: files go into a temporary directory next to the
 //! target, are fsync'd, and the directory then replaces the target in one
