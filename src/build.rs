@@ -284,6 +284,7 @@ mod aarch64 {
             _vm: core.vm,
             vmgenid: devices.vmgenid.map(|(device, _)| device),
             memory: core.memory,
+            memory_source: None,
         })
     }
 

@@ -105,6 +105,10 @@ pub struct MicroVm {
     /// fd above, so it goes after it.
     pub(crate) vmgenid: Option<crate::devices::vmgenid::VmGenId>,
     pub(crate) memory: GuestMemoryMmap,
+    /// For a VM restored from a snapshot: the memory files its guest
+    /// memory is mapped from, which a sparse full snapshot takes the pages
+    /// the guest has not written from.
+    pub(crate) memory_source: Option<crate::snapshot::sparse::MemorySource>,
 }
 
 impl std::fmt::Debug for MicroVm {

@@ -82,7 +82,11 @@ fn a_restored_vm_continues_from_its_registers_and_memory() {
         vm.pause().unwrap();
         let saved: Vec<u64> = (0..vcpus.into()).map(|v| counter(&vm, v)).collect();
         let info = vm.snapshot(&dir).unwrap();
-        assert_eq!(info.memory_bytes, 64 << 20);
+        // Sparse: the pages that hold data (code, counts), not 64 MiB.
+        assert!(
+            info.memory_bytes > 0 && info.memory_bytes < 1 << 20,
+            "{info:?}"
+        );
         // The original goes on, far past the snapshot.
         vm.resume().unwrap();
         wait_past(&vm, vcpus.into(), saved.iter().max().unwrap() + 100_000);

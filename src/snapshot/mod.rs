@@ -9,7 +9,8 @@
 //! - `memory`: raw guest RAM, page-aligned, which a restore maps
 //!   (`MAP_PRIVATE`) rather than reads. It must not change while a VM
 //!   restored from it runs: pages not yet touched are read from the file
-//!   on first access.
+//!   on first access. A full snapshot writes it sparse: pages without
+//!   data are holes, which read as zeros (`sparse`).
 //!
 //! Writing is crash-safe: files go into a temporary directory next to the
 //! target, are fsync'd, and the directory then replaces the target in one
@@ -46,6 +47,9 @@ use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportState;
 use crate::devices::vmgenid::VmGenIdSnapshot;
 use crate::rate_limiter::RateLimiterConfig;
+
+pub(crate) mod sparse;
+pub use vm::SnapshotOptions;
 
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -775,7 +779,7 @@ fn copy_diff_pages(layers: &[Layer], file: &File) -> io::Result<()> {
 /// unchanged, never zero), and the newest layer's state. The result keeps
 /// the newest layer's id, so diffs taken on top of it still apply.
 pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
-    let mut layers = read_chain(chain)?;
+    let layers = read_chain(chain)?;
     let newest = layers
         .last()
         .map(|l| l.state.clone())
@@ -787,7 +791,7 @@ pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
     };
     let bytes = format::encode(&merged)?;
     write_dir(out, &bytes, |file| {
-        let (base, diffs) = layers.split_at_mut(1);
+        let (base, diffs) = layers.split_at(1);
         // Exactly the memory the layout covers: a memory file may be longer
         // (restore maps only the regions), the merged one is not.
         let len = base[0]
@@ -797,7 +801,9 @@ pub fn merge(chain: &[PathBuf], out: &Path) -> Result<(), SnapshotError> {
             .map(|r| r.file_offset.saturating_add(r.size))
             .max()
             .unwrap_or(0);
-        io::copy(&mut io::Read::take(&mut base[0].memory, len), file)?;
+        // The base's holes stay holes (a sparse full snapshot's zeros).
+        file.set_len(len)?;
+        sparse::copy_file_sparse(&base[0].memory, file, len)?;
         copy_diff_pages(diffs, file)?;
         Ok(())
     })

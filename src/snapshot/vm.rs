@@ -17,7 +17,9 @@ use crate::{Error, MicroVm};
 pub struct SnapshotInfo {
     /// Bytes in the state file.
     pub state_bytes: u64,
-    /// Bytes of guest memory written.
+    /// Bytes of guest memory data written into the memory file: every
+    /// byte for a dense full snapshot, the pages that hold data (not the
+    /// holes) for a sparse one, the changed pages for a diff.
     pub memory_bytes: u64,
     /// Time to save vCPU, vGIC and device state.
     pub save_state: Duration,
@@ -25,16 +27,55 @@ pub struct SnapshotInfo {
     pub write_files: Duration,
 }
 
+/// How [`MicroVm::snapshot_with`] writes a full snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotOptions {
+    /// Whether the memory file is sparse (default: yes): guest pages the
+    /// guest never touched and pages of zeros become holes, and a VM
+    /// restored from a snapshot takes the pages it has not written since
+    /// from the files it was restored from (a reflink where the filesystem
+    /// has one). `false` writes every byte of guest memory through the
+    /// guest mapping, as a preallocated file: slower, and it faults in all
+    /// of guest memory.
+    pub sparse: bool,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        Self { sparse: true }
+    }
+}
+
+impl SnapshotOptions {
+    /// Sets [`sparse`](Self::sparse).
+    pub fn sparse(mut self, sparse: bool) -> Self {
+        self.sparse = sparse;
+        self
+    }
+}
+
 impl MicroVm {
     /// Writes a full snapshot of this paused VM to the directory `dir`
     /// (created `0700`, or replaced atomically if it exists; files `0600`):
     /// every vCPU's registers and power state, the vGICv3, every device,
-    /// and all of guest memory. The VM stays paused and can be resumed.
+    /// and all of guest memory, as a sparse file (see
+    /// [`SnapshotOptions::sparse`]; [`snapshot_with`](Self::snapshot_with)
+    /// writes a dense one). The VM stays paused and can be resumed.
     ///
     /// If it fails, the VM's diff base is unchanged and no dirty page is
     /// lost: the next [`snapshot_diff`](Self::snapshot_diff) is relative to
     /// the previous snapshot and holds every page changed since.
     pub fn snapshot(&mut self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
+        self.snapshot_with(dir, &SnapshotOptions::default())
+    }
+
+    /// [`snapshot`](Self::snapshot), written as `options` say.
+    pub fn snapshot_with(
+        &mut self,
+        dir: impl AsRef<Path>,
+        options: &SnapshotOptions,
+    ) -> Result<SnapshotInfo, Error> {
         if !matches!(self.state(), crate::VmState::Paused) {
             return Err(SnapshotError::NotPaused.into());
         }
@@ -55,8 +96,16 @@ impl MicroVm {
 
         let memory = &self.memory;
         let size = self.config.memory_size;
+        let source = self.memory_source.as_ref();
+        let mut memory_bytes = size;
         let written = super::write_dir(dir.as_ref(), &bytes, |file| {
-            write_memory(memory, size, file)
+            if options.sparse {
+                let stats = super::sparse::write_sparse(memory, &state.memory, source, file)?;
+                memory_bytes = stats.from_guest + stats.from_files;
+                Ok(())
+            } else {
+                write_memory(memory, size, file)
+            }
         });
         if let Err(e) = written {
             // No snapshot holds those pages: the next diff (still relative
@@ -70,7 +119,7 @@ impl MicroVm {
         self.snapshot_id = Some(id);
         Ok(SnapshotInfo {
             state_bytes: bytes.len() as u64,
-            memory_bytes: size,
+            memory_bytes,
             save_state: saved,
             write_files: start.elapsed() - saved,
         })
@@ -545,6 +594,7 @@ mod aarch64 {
     use crate::device_manager::{DeviceError, DeviceManager};
     use crate::devices::vmgenid::VMGENID_LEN;
     use crate::memory::GuestMemoryMmap;
+    use crate::snapshot::sparse::MemorySource;
     use crate::snapshot::SavedConfig;
     use crate::{Error, MicroVm};
 
@@ -917,6 +967,10 @@ mod aarch64 {
             ..state.config
         };
         let mut vm = assemble(core, devices, config, threads)?;
+        // What a full snapshot takes the pages the guest has not written from.
+        let files = layers.into_iter().map(|l| (l.memory, l.state.diff));
+        let files = files.chain([(newest.memory, state.diff.clone())]);
+        vm.memory_source = Some(MemorySource::of_chain(files, state.memory.clone()));
         vm.snapshot_id = Some(state.id);
         start_working_set_threads(&mut vm, &restore, working_set, state.id)?;
         if restore.resume {
