@@ -10,12 +10,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use common::{code, payloads, TempDir};
+use common::{code, dirty, payloads, TempDir};
 use dormouse::snapshot::{SnapshotError, MEMORY_FILE};
-use dormouse::{Error, GuestAddress, MicroVm, DRAM_START};
-use vm_memory::Bytes;
+use dormouse::{Error, MicroVm, DRAM_START};
 
 /// A tmpfs of `size` bytes mounted on a fresh directory, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -55,11 +53,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// The DIRTY payload's control words (tests/payloads/dirty.S).
-fn ctl(word: u64) -> GuestAddress {
-    GuestAddress(DRAM_START.0 + 0x1000 + 8 * word)
-}
-
 fn dirtying_vm() -> MicroVm {
     MicroVm::builder()
         .memory_mib(64)
@@ -67,23 +60,6 @@ fn dirtying_vm() -> MicroVm {
         .payload(code(payloads::DIRTY), DRAM_START)
         .build()
         .unwrap()
-}
-
-/// Runs the paused VM until the guest wrote `generation` into the first
-/// word of `pages` pages (from DRAM + 0x2000), then pauses it again.
-fn dirty(vm: &mut MicroVm, pages: u64, generation: u64) {
-    vm.memory().write_obj(pages, ctl(0)).unwrap();
-    vm.memory().write_obj(generation, ctl(1)).unwrap();
-    vm.resume().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while vm.memory().read_obj::<u64>(ctl(2)).unwrap() != generation {
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not dirty its pages"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    vm.pause().unwrap();
 }
 
 fn assert_out_of_space(result: Result<dormouse::snapshot::SnapshotInfo, Error>, small: &Tmpfs) {

@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{code, payloads, TempDir};
+use common::{code, dirty, payloads, TempDir};
 use dormouse::snapshot::{SnapshotOptions, MEMORY_FILE};
 use dormouse::{GuestAddress, MicroVm, DRAM_START};
 use vm_memory::Bytes;
@@ -29,11 +29,6 @@ fn memory_file(dir: &Path) -> PathBuf {
     dir.join(MEMORY_FILE)
 }
 
-/// The DIRTY payload's control words (tests/payloads/dirty.S).
-fn ctl(word: u64) -> GuestAddress {
-    GuestAddress(DRAM_START.0 + 0x1000 + 8 * word)
-}
-
 /// The first word of the `n`-th page the DIRTY payload writes.
 fn dirtied(vm: &MicroVm, n: u64) -> u64 {
     vm.memory()
@@ -48,23 +43,6 @@ fn dirtying_vm(tracking: bool) -> MicroVm {
         .payload(code(payloads::DIRTY), DRAM_START)
         .build()
         .unwrap()
-}
-
-/// Runs the paused VM until the guest wrote `generation` into the first
-/// word of `pages` pages (from DRAM + 0x2000), then pauses it again.
-fn dirty(vm: &mut MicroVm, pages: u64, generation: u64) {
-    vm.memory().write_obj(pages, ctl(0)).unwrap();
-    vm.memory().write_obj(generation, ctl(1)).unwrap();
-    vm.resume().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while vm.memory().read_obj::<u64>(ctl(2)).unwrap() != generation {
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not dirty its pages"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    vm.pause().unwrap();
 }
 
 /// Asserts the first `pages` pages the payload writes hold `generation`,

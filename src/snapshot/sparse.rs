@@ -359,7 +359,12 @@ fn copy_file_range(
 }
 
 /// Reads the pagemap entries of `count` pages from host address `addr`.
-fn read_pagemap(pagemap: &File, addr: usize, count: usize, out: &mut Vec<u64>) -> io::Result<()> {
+pub(super) fn read_pagemap(
+    pagemap: &File,
+    addr: usize,
+    count: usize,
+    out: &mut Vec<u64>,
+) -> io::Result<()> {
     let mut bytes = vec![0u8; count * 8];
     let offset = (addr / PAGE) as u64 * 8;
     pagemap

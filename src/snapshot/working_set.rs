@@ -41,7 +41,6 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -671,21 +670,15 @@ pub(crate) struct HostRange {
 /// swapped out): read from `/proc/self/pagemap` (bit 63 present, bit 62
 /// swapped), which every process may read for itself.
 pub(crate) fn resident_pages(pagemap: &File, range: HostRange) -> io::Result<Vec<bool>> {
-    let page = PAGE;
-    let pages = range.len / page;
+    const AT_ONCE: usize = 4096;
+    let pages = range.len / PAGE;
     let mut out = Vec::with_capacity(pages);
-    let mut buf = vec![0u8; 8 * 4096];
+    let mut entries = Vec::with_capacity(AT_ONCE);
     let mut next = 0;
     while next < pages {
-        let n = (pages - next).min(buf.len() / 8);
-        let offset = ((range.addr / page + next) * 8) as u64;
-        pagemap.read_exact_at(&mut buf[..n * 8], offset)?;
-        for entry in buf[..n * 8].chunks_exact(8) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(entry);
-            let v = u64::from_le_bytes(b);
-            out.push(v & (3 << 62) != 0);
-        }
+        let n = (pages - next).min(AT_ONCE);
+        super::sparse::read_pagemap(pagemap, range.addr + next * PAGE, n, &mut entries)?;
+        out.extend(entries.iter().map(|v| v & (3 << 62) != 0));
         next += n;
     }
     Ok(out)

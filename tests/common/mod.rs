@@ -350,3 +350,24 @@ pub fn init_logging() {
         log::set_max_level(level);
     }
 }
+
+/// Runs the paused VM (the DIRTY payload, tests/payloads/dirty.S) until the
+/// guest wrote `generation` into the first word of `pages` pages (from
+/// DRAM + 0x2000), then pauses it again.
+#[cfg(target_arch = "aarch64")]
+pub fn dirty(vm: &mut dormouse::MicroVm, pages: u64, generation: u64) {
+    use vm_memory::Bytes;
+    let ctl = |word: u64| dormouse::GuestAddress(dormouse::DRAM_START.0 + 0x1000 + 8 * word);
+    vm.memory().write_obj(pages, ctl(0)).unwrap();
+    vm.memory().write_obj(generation, ctl(1)).unwrap();
+    vm.resume().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while vm.memory().read_obj::<u64>(ctl(2)).unwrap() != generation {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not dirty its pages"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    vm.pause().unwrap();
+}
