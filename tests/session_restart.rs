@@ -62,6 +62,7 @@ fn in_child(log: &Path, body: impl FnOnce()) -> i32 {
 
 #[test]
 fn session_survives_its_process_and_a_kill_during_suspend() {
+    common::init_logging();
     let tmp = TempDir::new("session-restart");
     let image = service_image(&tmp.0, 256);
     let root_dir = tmp.0.join("root");

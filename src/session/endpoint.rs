@@ -303,6 +303,7 @@ fn forward(mut client: Client, guest_port: u32, session: &dyn Forward) {
         }
     };
     let mut first_byte_pending = resumed;
+    let mut answered = false;
     let mut buf = vec![0u8; 64 * 1024];
     let mut client_open = true;
     while !session.stopping() {
@@ -335,10 +336,17 @@ fn forward(mut client: Client, guest_port: u32, session: &dyn Forward) {
             match guest.read(&mut buf) {
                 Ok(0) | Err(_) => {
                     // The guest side is gone: nothing more can be answered.
+                    if !answered {
+                        log::info!(
+                            "endpoint: the guest closed the connection to its port {guest_port} \
+                             without sending a byte"
+                        );
+                    }
                     client.shutdown(std::net::Shutdown::Write);
                     break;
                 }
                 Ok(n) => {
+                    answered = true;
                     if first_byte_pending {
                         first_byte_pending = false;
                         session.first_byte_after_resume(accepted.elapsed());

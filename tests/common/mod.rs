@@ -328,14 +328,19 @@ pub fn init_logging() {
             true
         }
         fn log(&self, record: &log::Record<'_>) {
+            use std::io::Write;
             if self.enabled(record.metadata()) {
-                eprintln!(
-                    "[{:9.3} {} {:?}] {}",
+                // Straight to stderr, not through libtest's capture: a
+                // forked child (tests/session_restart.rs) never hands its
+                // captured output back.
+                let line = format!(
+                    "[{:9.3} {} {:?}] {}\n",
                     self.0.elapsed().as_secs_f64(),
                     record.level(),
                     std::thread::current().name().unwrap_or("?"),
                     record.args()
                 );
+                let _ = std::io::stderr().write_all(line.as_bytes());
             }
         }
         fn flush(&self) {}

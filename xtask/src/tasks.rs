@@ -212,6 +212,12 @@ fn emulated_tests(rig: &Rig, args: &[String]) -> Side {
             .push("the cross build produced no test executables".to_string());
         return side;
     }
+    // The tests' own logger (tests/common init_logging) prints dormouse's
+    // log at info level unless told otherwise: a failure in the emulated
+    // host, where nothing can be looked at afterwards, comes with its why.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
     match rig::run(rig, &jobs(&artifacts, &libtest_args(args)), "test") {
         Err(e) => side.problem(e.to_string()),
         Ok(outcome) => {
