@@ -3,6 +3,10 @@
 //! - `diff_create/<size>/<pct>`: `snapshot_diff` after the guest wrote
 //!   `pct` percent of its pages (tests/payloads/dirty.S dirties them from
 //!   the guest, so KVM's dirty log and write-protection are in the path).
+//! - `diff_pause/<size>/32MiB/<paused|live>`: how long the guest is
+//!   stopped when a diff of 32 MiB dirty is taken and the VM runs on:
+//!   `pause` + `snapshot_diff` + `resume` against `snapshot_diff_live`
+//!   (its `paused`: the copy rounds' short stops and the last step).
 //! - `diff_harvest/<size>`: a diff with (almost) nothing dirty: the fixed
 //!   cost, i.e. harvesting the dirty log, against memory size.
 //! - `chain_restore/<len>`: restoring a chain of a 1 GiB base and `len - 1`
@@ -126,6 +130,49 @@ mod aarch64 {
             drop(vm);
         }
         create.finish();
+
+        // The pause the guest sees when a diff is taken and the VM goes on:
+        // today's path (pause, snapshot_diff, resume) against a live diff
+        // (copy rounds while the guest runs, then a short last pause).
+        let mut pause = c.benchmark_group("diff_pause");
+        pause
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500));
+        for mib in sizes().into_iter().filter(|&m| m == 256 || m == 1024) {
+            let mut vm = vm(mib);
+            vm.snapshot(root.join("base")).unwrap();
+            let n = (32 << 20) / PAGE;
+            for live in [false, true] {
+                let how = if live { "live" } else { "paused" };
+                let id = BenchmarkId::new(format!("{mib}MiB"), format!("32MiB/{how}"));
+                pause.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            generation += 1;
+                            dirty(&mut vm, n, generation);
+                            vm.start().unwrap();
+                            let _ = std::fs::remove_dir_all(root.join("diff"));
+                            total += if live {
+                                let info = vm.snapshot_diff_live(root.join("diff")).unwrap();
+                                // Every stop of the vCPUs, not only the last.
+                                info.paused
+                            } else {
+                                let t = Instant::now();
+                                vm.pause().unwrap();
+                                vm.snapshot_diff(root.join("diff")).unwrap();
+                                vm.start().unwrap();
+                                t.elapsed()
+                            };
+                            vm.pause().unwrap();
+                        }
+                        total
+                    })
+                });
+            }
+            drop(vm);
+        }
+        pause.finish();
 
         let mut harvest = c.benchmark_group("diff_harvest");
         harvest

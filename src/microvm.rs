@@ -270,7 +270,7 @@ impl MicroVm {
     /// How long a stopped VM waits for a slow console sink.
     const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
-    fn not_runnable(&self) -> Error {
+    pub(crate) fn not_runnable(&self) -> Error {
         match self.run {
             RunState::Stopped(reason) => Error::AlreadyStopped(reason),
             RunState::Pausing(_) => Error::PauseIncomplete,

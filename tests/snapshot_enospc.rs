@@ -2,7 +2,8 @@
 //! that runs out of space part-way (a small tmpfs, ENOSPC) leaves the VM's
 //! diff base as it was and puts back every page it took from the dirty
 //! log, so a chain taken afterwards still restores guest memory
-//! byte-identical to a full snapshot taken at the same moment.
+//! byte-identical to a full snapshot taken at the same moment. A live diff
+//! (taken while the guest runs) that fails also leaves the VM running.
 //!
 //! Mounts tmpfs, so it runs as root: the emulated host runs tests as root.
 #![cfg(target_arch = "aarch64")]
@@ -138,4 +139,34 @@ fn a_diff_that_runs_out_of_space_loses_no_dirty_page() {
     vm.snapshot(&full).unwrap();
     drop(vm);
     assert_chain_equals(&[base, d1, d2], &full);
+}
+
+#[test]
+fn a_live_diff_that_runs_out_of_space_loses_no_dirty_page_and_the_vm_runs_on() {
+    let tmp = TempDir::new("enospc-live");
+    let (base, d1, full) = (tmp.0.join("base"), tmp.0.join("d1"), tmp.0.join("full"));
+    let mut vm = dirtying_vm();
+    vm.snapshot(&base).unwrap();
+    dirty(&mut vm, BEFORE_FAILURE, 1);
+    vm.resume().unwrap();
+
+    // About 12 MiB of dirty pages into 4 MiB, while the guest runs.
+    let small = Tmpfs::mount(tmp.0.join("small"), 4 << 20);
+    assert_out_of_space(
+        vm.snapshot_diff_live(small.0.join("d")).map(|l| l.info),
+        &small,
+    );
+    assert_eq!(vm.state(), dormouse::VmState::Running, "the VM runs on");
+
+    vm.pause().unwrap();
+    dirty(&mut vm, AFTER_FAILURE, 2);
+    let info = vm.snapshot_diff(&d1).unwrap();
+    assert!(
+        info.memory_bytes >= BEFORE_FAILURE * 4096,
+        "the diff holds {} pages, the guest wrote {BEFORE_FAILURE} since the base",
+        info.memory_bytes / 4096
+    );
+    vm.snapshot(&full).unwrap();
+    drop(vm);
+    assert_chain_equals(&[base, d1], &full);
 }

@@ -30,7 +30,7 @@ pub mod format;
 mod vm;
 pub mod working_set;
 
-pub use vm::{Restore, SnapshotInfo};
+pub use vm::{LiveDiffInfo, Restore, SnapshotInfo, LIVE_DIFF_LAST_PAGES, LIVE_DIFF_MAX_ROUNDS};
 pub use working_set::{WorkingSet, WORKING_SET_FILE};
 
 use std::fs::{self, File, OpenOptions};
@@ -447,50 +447,109 @@ pub fn write_dir(
     state: &[u8],
     write_memory: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SnapshotError> {
-    let name = dir.file_name().ok_or_else(|| {
-        SnapshotError::Inconsistent(format!("{} has no file name", dir.display()))
-    })?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}-{nonce}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
+    let mut staged = Staged::new(dir)?;
+    staged.write_memory(write_memory)?;
+    staged.commit(state)
+}
+
+/// A snapshot directory being written: a hidden temporary directory next
+/// to `dir` with the memory file open, which [`commit`](Staged::commit)
+/// completes with the state and moves into place, and which is removed if
+/// it is dropped before. Lets the memory file be written in steps (a live
+/// diff writes most of it while the guest still runs).
+pub(crate) struct Staged {
+    dir: PathBuf,
+    parent: PathBuf,
+    tmp: PathBuf,
+    memory: File,
+    committed: bool,
+}
+
+impl Staged {
+    /// Creates the temporary directory and its empty memory file.
+    pub(crate) fn new(dir: &Path) -> Result<Self, SnapshotError> {
+        let name = dir.file_name().ok_or_else(|| {
+            SnapshotError::Inconsistent(format!("{} has no file name", dir.display()))
+        })?;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}-{nonce}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         fs::DirBuilder::new()
             .mode(DIR_MODE)
             .create(&tmp)
             .map_err(io_err("create", &tmp))?;
+        let memory = match create_file(&tmp.join(MEMORY_FILE)) {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            parent,
+            tmp,
+            memory,
+            committed: false,
+        })
+    }
+
+    /// Writes (part of) the memory file with `write`; an error names the
+    /// file.
+    pub(crate) fn write_memory(
+        &mut self,
+        write: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<(), SnapshotError> {
+        let path = self.tmp.join(MEMORY_FILE);
+        write(&mut self.memory).map_err(io_err("write guest memory to", &path))
+    }
+
+    /// Flushes what the memory file holds so far to the disk.
+    pub(crate) fn sync_memory(&self) -> Result<(), SnapshotError> {
+        let path = self.tmp.join(MEMORY_FILE);
+        self.memory.sync_data().map_err(io_err("fsync", &path))
+    }
+
+    /// Syncs the memory file, writes and syncs `state`, and moves the
+    /// directory to its place (replacing what was there atomically).
+    pub(crate) fn commit(mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let tmp = self.tmp.clone();
         let mem_path = tmp.join(MEMORY_FILE);
-        let mut mem = create_file(&mem_path)?;
-        write_memory(&mut mem).map_err(io_err("write guest memory to", &mem_path))?;
-        mem.sync_all().map_err(io_err("fsync", &mem_path))?;
+        self.memory.sync_all().map_err(io_err("fsync", &mem_path))?;
         let state_path = tmp.join(STATE_FILE);
         let mut file = create_file(&state_path)?;
         file.write_all(state)
             .map_err(io_err("write", &state_path))?;
         file.sync_all().map_err(io_err("fsync", &state_path))?;
-        fsync_dir(&tmp)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
+        fsync_dir(&tmp)?;
+        let dir = &self.dir;
+        if dir.exists() {
+            exchange(&tmp, dir).map_err(io_err("swap in the new snapshot at", dir))?;
+            // `tmp` now holds the previous snapshot: removed on drop.
+        } else {
+            fs::rename(&tmp, dir).map_err(io_err("move the new snapshot to", dir))?;
+            self.committed = true;
+        }
+        fsync_dir(&self.parent)
     }
-    if dir.exists() {
-        exchange(&tmp, dir).map_err(io_err("swap in the new snapshot at", dir))?;
-        // `tmp` now holds the previous snapshot.
-        let _ = fs::remove_dir_all(&tmp);
-    } else {
-        fs::rename(&tmp, dir).map_err(io_err("move the new snapshot to", dir))?;
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
     }
-    fsync_dir(&parent)
 }
 
 /// Opens a file of a snapshot for reading as untrusted input: without

@@ -27,6 +27,49 @@ pub struct SnapshotInfo {
     pub write_files: Duration,
 }
 
+/// What [`MicroVm::snapshot_diff_live`] wrote, and how long the guest was
+/// paused for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveDiffInfo {
+    /// The snapshot, as [`MicroVm::snapshot_diff`] reports it
+    /// (`write_files` is the whole call but `save_state`).
+    pub info: SnapshotInfo,
+    /// Copy rounds made while the guest ran (0: the VM was paused).
+    pub rounds: u32,
+    /// Bytes written while the guest ran (a page dirtied again counts
+    /// again).
+    pub precopied_bytes: u64,
+    /// How long the vCPUs were stopped in all: each round's dirty-log
+    /// read, and the last step.
+    pub paused: Duration,
+    /// The last step's pause: state saved, last pages written, files
+    /// committed.
+    pub last_pause: Duration,
+}
+
+/// The most copy rounds [`MicroVm::snapshot_diff_live`] makes while the
+/// guest runs before it pauses for the rest.
+pub const LIVE_DIFF_MAX_ROUNDS: u32 = 5;
+
+/// When a copy round finds at most this many dirty pages (1 MiB), the next
+/// step of [`MicroVm::snapshot_diff_live`] is the last, paused one.
+pub const LIVE_DIFF_LAST_PAGES: u64 = 256;
+
+/// Adds the pages of `dirty` to `taken` (region by region).
+fn merge_taken(taken: &mut Vec<crate::dirty::DirtyBitmap>, dirty: &[crate::dirty::DirtyBitmap]) {
+    if taken.is_empty() {
+        taken.extend(
+            dirty
+                .iter()
+                .map(|b| crate::dirty::DirtyBitmap::new(b.pages)),
+        );
+    }
+    for (all, new) in taken.iter_mut().zip(dirty) {
+        all.or_words(&new.words);
+    }
+}
+
 /// How [`MicroVm::snapshot_with`] writes a full snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -180,6 +223,136 @@ impl MicroVm {
         })
     }
 
+    /// Writes a diff snapshot of this *running* VM to `dir` and leaves it
+    /// running, with the guest paused only for a short last step: the
+    /// same snapshot [`snapshot_diff`](Self::snapshot_diff) writes, at the
+    /// moment of that last pause.
+    ///
+    /// Pre-copy, as a live migration does it: while the guest runs, each
+    /// round takes the pages dirtied since the round before (a pause of
+    /// the vCPUs just long enough to read the dirty log) and writes them
+    /// to the new snapshot's memory file; a page the guest writes again is
+    /// dirty again and goes in again. When a round finds few pages (or
+    /// after [`LIVE_DIFF_MAX_ROUNDS`], or when a round finds no fewer than
+    /// the one before: a guest dirtying faster than the copy), the VM is
+    /// paused, its state saved, the last dirty pages written, the files
+    /// committed, and the VM resumed. So the pause grows with what the
+    /// guest dirties during one round, not with all it dirtied since the
+    /// last snapshot.
+    ///
+    /// A paused VM is snapshotted as [`snapshot_diff`](Self::snapshot_diff)
+    /// does (and stays paused). If it fails, no page is lost: every page
+    /// it took from the dirty log goes into the next snapshot, and the VM
+    /// is resumed if it was running (an error from that resume wins).
+    pub fn snapshot_diff_live(&mut self, dir: impl AsRef<Path>) -> Result<LiveDiffInfo, Error> {
+        if matches!(self.state(), crate::VmState::Paused) {
+            let start = std::time::Instant::now();
+            let info = self.snapshot_diff(dir)?;
+            return Ok(LiveDiffInfo {
+                info,
+                rounds: 0,
+                precopied_bytes: 0,
+                paused: start.elapsed(),
+                last_pause: start.elapsed(),
+            });
+        }
+        if !matches!(self.state(), crate::VmState::Running) {
+            return Err(self.not_runnable());
+        }
+        if !self.config.dirty_tracking {
+            return Err(SnapshotError::NoDiffBase("dirty tracking is off").into());
+        }
+        let parent = self.snapshot_id.ok_or(SnapshotError::NoDiffBase(
+            "this VM has no snapshot to be relative to",
+        ))?;
+        let start = std::time::Instant::now();
+        let mut staged = super::Staged::new(dir.as_ref())?;
+        let size = self.config.memory_size;
+        staged.write_memory(|f| f.set_len(size))?;
+        // Every page taken from the dirty log so far: in the snapshot if it
+        // commits, marked dirty again if anything fails.
+        let mut taken: Vec<crate::dirty::DirtyBitmap> = Vec::new();
+        let mut paused = std::time::Duration::ZERO;
+        let mut rounds = 0;
+        let mut precopied = 0u64;
+        let outcome = (|| -> Result<(SnapshotInfo, std::time::Instant), Error> {
+            let mut before = u64::MAX;
+            loop {
+                let pause = std::time::Instant::now();
+                self.pause()?;
+                let dirty = self.harvest_dirty();
+                let resumed = self.resume();
+                paused += pause.elapsed();
+                let dirty = dirty?;
+                merge_taken(&mut taken, &dirty);
+                resumed?;
+                let runs: Vec<_> = dirty.iter().map(|b| b.runs()).collect();
+                let pages: u64 = dirty.iter().map(|b| b.count()).sum();
+                staged.write_memory(|f| write_diff_runs(&self.memory, &runs, f))?;
+                rounds += 1;
+                precopied += pages * crate::arch::aarch64::layout::PAGE_SIZE;
+                if pages <= LIVE_DIFF_LAST_PAGES
+                    || pages >= before
+                    || rounds >= LIVE_DIFF_MAX_ROUNDS
+                {
+                    break;
+                }
+                before = pages;
+            }
+            // What the rounds wrote goes to the disk while the guest runs.
+            staged.sync_memory()?;
+
+            let pause = std::time::Instant::now();
+            self.pause()?;
+            let saving = std::time::Instant::now();
+            let mut state = self.save_state()?;
+            let id = SnapshotId::new().map_err(Error::Host)?;
+            // After save_state, as in snapshot_diff.
+            let dirty = self.harvest_dirty()?;
+            merge_taken(&mut taken, &dirty);
+            let saved = saving.elapsed();
+            let last: Vec<_> = dirty.iter().map(|b| b.runs()).collect();
+            staged.write_memory(|f| write_diff_runs(&self.memory, &last, f))?;
+            state.id = id;
+            state.parent = Some(parent);
+            state.diff = Some(taken.iter().map(|b| b.runs()).collect());
+            let bytes = super::format::encode(&state)?;
+            staged.commit(&bytes)?;
+            self.snapshot_id = Some(id);
+            let pages: u64 = taken.iter().map(|b| b.count()).sum();
+            let info = SnapshotInfo {
+                state_bytes: bytes.len() as u64,
+                memory_bytes: pages * crate::arch::aarch64::layout::PAGE_SIZE,
+                save_state: saved,
+                write_files: start.elapsed() - saved,
+            };
+            Ok((info, pause))
+        })();
+        let (info, pause) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                // Those pages are in no snapshot: keep them for the next.
+                let runs: Vec<_> = taken.iter().map(|b| b.runs()).collect();
+                self.remark_dirty(&runs);
+                if matches!(self.state(), crate::VmState::Paused) {
+                    self.resume()?;
+                }
+                return Err(e);
+            }
+        };
+        let resumed = self.resume();
+        let last_pause = pause.elapsed();
+        paused += last_pause;
+        resumed?;
+        Ok(LiveDiffInfo {
+            info,
+            rounds,
+            precopied_bytes: precopied,
+            paused,
+            last_pause,
+        })
+    }
+
     /// Reads and clears what changed since the last harvest.
     fn harvest_dirty(&mut self) -> Result<Vec<crate::dirty::DirtyBitmap>, Error> {
         let sink = self.dirty.as_ref().and_then(|d| d.sink.clone());
@@ -269,10 +442,20 @@ fn write_diff_memory(
     runs: &[Vec<(u64, u64)>],
     file: &mut std::fs::File,
 ) -> std::io::Result<()> {
+    file.set_len(size)?;
+    write_diff_runs(memory, runs, file)
+}
+
+/// Writes the dirty page runs into a memory file of the full size, each at
+/// its own offset.
+fn write_diff_runs(
+    memory: &crate::memory::GuestMemoryMmap,
+    runs: &[Vec<(u64, u64)>],
+    file: &mut std::fs::File,
+) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom};
 
     use vm_memory::Bytes;
-    file.set_len(size)?;
     let page = crate::arch::aarch64::layout::PAGE_SIZE;
     // One region today: its runs are offsets from DRAM_START.
     for &(first, count) in runs.iter().flatten() {
@@ -492,11 +675,15 @@ impl Restore {
         if let Some(host) = &self.vsock_host {
             host.validate()?;
         }
+        let mut phases = Phases::start();
         let layers = super::read_chain(&self.chain)?;
         if let Some(newest) = layers.last() {
             self.check_overrides(&newest.state)?;
         }
-        restore_vm(self, layers)
+        phases.mark("read files");
+        let vm = restore_vm(self, layers, &mut phases)?;
+        log::debug!("restore: {phases}");
+        Ok(vm)
     }
 
     fn check_overrides(&self, state: &VmState) -> Result<(), SnapshotError> {
@@ -563,7 +750,11 @@ impl Restore {
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-fn restore_vm(_restore: Restore, _layers: Vec<super::Layer>) -> Result<MicroVm, Error> {
+fn restore_vm(
+    _restore: Restore,
+    _layers: Vec<super::Layer>,
+    _phases: &mut Phases,
+) -> Result<MicroVm, Error> {
     Err(Error::UnsupportedArchitecture(std::env::consts::ARCH))
 }
 
@@ -878,6 +1069,7 @@ mod aarch64 {
     pub(super) fn restore_vm(
         mut restore: Restore,
         mut layers: Vec<super::super::Layer>,
+        phases: &mut super::Phases,
     ) -> Result<MicroVm, Error> {
         let newest = layers
             .pop()
@@ -887,6 +1079,7 @@ mod aarch64 {
             restore.serial_output.take(),
             restore.serial_input.take(),
         )?;
+        phases.mark("threads");
         let memory = match layers.first() {
             // A chain: the base's memory, each later layer mapped over it.
             Some(base) => {
@@ -898,6 +1091,7 @@ mod aarch64 {
             }
             None => map_memory(&newest.memory, &newest.state.memory)?,
         };
+        phases.mark("map memory");
         let working_set = if restore.prefetch {
             match crate::snapshot::WorkingSet::load(&newest.dir, &newest.state) {
                 Ok(set) => set,
@@ -923,6 +1117,7 @@ mod aarch64 {
                 .dirty_tracking
                 .then_some(state.config.dirty_ring),
         )?;
+        phases.mark("vm and vcpus");
 
         let mut devices = DeviceManager::new();
         devices.attach_serial(&core.vm, output, Some(&state.serial))?;
@@ -940,6 +1135,7 @@ mod aarch64 {
             let id = new_generation_id(&saved.id)?;
             devices.attach_vmgenid(&core.vm, &core.memory, id, Some(saved))?;
         }
+        phases.mark("devices");
 
         for (vcpu, saved) in core.vcpus.iter().zip(&state.vcpus) {
             regs::restore_vcpu(vcpu.fd(), vcpu.index(), saved)?;
@@ -961,6 +1157,7 @@ mod aarch64 {
         if let Some(saved) = &state.vmgenid {
             crate::arch::aarch64::gic::pulse_spi(&core.vm, saved.spi)?;
         }
+        phases.mark("registers and vgic");
 
         let config = SavedConfig {
             devices: saved_devices,
@@ -972,11 +1169,49 @@ mod aarch64 {
         let files = files.chain([(newest.memory, state.diff.clone())]);
         vm.memory_source = Some(MemorySource::of_chain(files, state.memory.clone()));
         vm.snapshot_id = Some(state.id);
+        phases.mark("assemble");
         start_working_set_threads(&mut vm, &restore, working_set, state.id)?;
+        phases.mark("working set");
         if restore.resume {
             vm.start()?;
+            phases.mark("start");
         }
         Ok(vm)
+    }
+}
+
+/// How long each phase of a restore took, for a debug log line.
+pub(crate) struct Phases {
+    last: std::time::Instant,
+    first: std::time::Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            last: now,
+            first: now,
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the phase called `name`.
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} in all", self.last - self.first)?;
+        for (name, took) in &self.done {
+            write!(f, "; {name} {took:?}")?;
+        }
+        Ok(())
     }
 }
 
