@@ -8,6 +8,10 @@
 //!   `lazy` restores with `prefetch(false)` (pages fault in on first
 //!   touch); `prefetch` restores with the working set recorded on an
 //!   earlier restore of the same snapshot.
+//! - `resume_ws_cold/<size>/<seq32|scat32>/{lazy,prefetch}`: the same
+//!   with the snapshot on a real disk and the page cache dropped before
+//!   each restore; only when DORMOUSE_BENCH_COLD_DIR (or the emulated
+//!   host's data disk, DORMOUSE_RIG_DATA) names a place for the files.
 //! - `restore_call/<size>/{lazy,prefetch}`: the restore call alone, with
 //!   and without the `seq32` working set.
 //!
@@ -33,7 +37,7 @@ mod aarch64 {
     use std::time::{Duration, Instant};
 
     use criterion::{BenchmarkId, Criterion};
-    use dormouse::snapshot::{MEMORY_FILE, STATE_FILE};
+    use dormouse::snapshot::{MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
     use dormouse::{GuestAddress, MicroVm, DRAM_START};
     use vm_memory::Bytes;
 
@@ -157,6 +161,71 @@ mod aarch64 {
         set.save(dir).unwrap();
     }
 
+    /// Where the cold runs keep their snapshots: a directory on a real
+    /// disk (DORMOUSE_BENCH_COLD_DIR, or `cold` under the emulated host's
+    /// data disk, DORMOUSE_RIG_DATA); none, no cold runs.
+    fn cold_root() -> Option<PathBuf> {
+        std::env::var_os("DORMOUSE_BENCH_COLD_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("DORMOUSE_RIG_DATA").map(|d| PathBuf::from(d).join("cold"))
+            })
+    }
+
+    /// Writes back dirty pages and empties the page cache (needs root, as
+    /// the emulated host runs benches).
+    fn drop_caches() {
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+            .expect("dropping the page cache needs root (/proc/sys/vm/drop_caches)");
+    }
+
+    /// Benchmarks restore -> the guest touched `round`'s pages, and prints
+    /// the page faults per restore. `cold`: the page cache is dropped
+    /// before each restore (not timed).
+    #[allow(clippy::too_many_arguments)]
+    fn resume(
+        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        id: BenchmarkId,
+        label: &str,
+        dir: &Path,
+        round: Round,
+        prefetch: bool,
+        cold: bool,
+    ) {
+        let mut seen = (0i64, 0i64, 0i64);
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    if cold {
+                        drop_caches();
+                    }
+                    let before = faults();
+                    let start = Instant::now();
+                    let vm = MicroVm::restore(dir).prefetch(prefetch).build();
+                    let mut vm = vm.unwrap();
+                    let generation = ask(&vm, round);
+                    vm.start().unwrap();
+                    wait(&vm, generation);
+                    total += start.elapsed();
+                    let after = faults();
+                    seen.0 += after.0 - before.0;
+                    seen.1 += after.1 - before.1;
+                    seen.2 += 1;
+                    vm.pause().unwrap();
+                }
+                total
+            })
+        });
+        eprintln!(
+            "faults {label}: {} major, {} minor per restore",
+            seen.0 / seen.2.max(1),
+            seen.1 / seen.2.max(1)
+        );
+    }
+
     /// Log lines to stderr when RUST_LOG names a level (e.g. debug).
     fn init_logging() {
         struct Stderr;
@@ -187,6 +256,11 @@ mod aarch64 {
             .sample_size(10)
             .warm_up_time(Duration::from_millis(100));
         let mut call = Vec::new();
+        let cold_root = cold_root();
+        if let Some(dir) = &cold_root {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let mut cold_dirs = Vec::new();
         for mib in sizes() {
             let pages = mib * (1 << 20) / PAGE;
             let base = root.join(format!("{mib}"));
@@ -229,34 +303,18 @@ mod aarch64 {
                 with_working_set(&base, &dir, round);
                 for mode in ["lazy", "prefetch"] {
                     let prefetch = mode == "prefetch";
-                    let mut seen = (0i64, 0i64, 0i64);
                     let id = BenchmarkId::new(format!("{mib}MiB/{name}"), mode);
-                    group.bench_function(id, |b| {
-                        b.iter_custom(|iters| {
-                            let mut total = Duration::ZERO;
-                            for _ in 0..iters {
-                                let before = faults();
-                                let start = Instant::now();
-                                let vm = MicroVm::restore(&dir).prefetch(prefetch).build();
-                                let mut vm = vm.unwrap();
-                                let generation = ask(&vm, round);
-                                vm.start().unwrap();
-                                wait(&vm, generation);
-                                total += start.elapsed();
-                                let after = faults();
-                                seen.0 += after.0 - before.0;
-                                seen.1 += after.1 - before.1;
-                                seen.2 += 1;
-                                vm.pause().unwrap();
-                            }
-                            total
-                        })
-                    });
-                    eprintln!(
-                        "faults resume_ws/{mib}MiB/{name}/{mode}: {} major, {} minor per restore",
-                        seen.0 / seen.2.max(1),
-                        seen.1 / seen.2.max(1)
-                    );
+                    let label = format!("resume_ws/{mib}MiB/{name}/{mode}");
+                    resume(&mut group, id, &label, &dir, round, prefetch, false);
+                }
+                if let (Some(cold_root), true) = (&cold_root, name != "all") {
+                    // The same files on the real disk, for the cold runs.
+                    let cold = cold_root.join(format!("{mib}-{name}"));
+                    std::fs::create_dir_all(&cold).unwrap();
+                    for f in [STATE_FILE, MEMORY_FILE, WORKING_SET_FILE] {
+                        std::fs::copy(dir.join(f), cold.join(f)).unwrap();
+                    }
+                    cold_dirs.push((mib, name, round, cold));
                 }
                 if name == "seq32" {
                     call.push((mib, dir));
@@ -264,6 +322,34 @@ mod aarch64 {
             }
         }
         group.finish();
+
+        // The page cache dropped before each restore: the memory file is
+        // read from the disk, on demand (lazy) or ahead (prefetch).
+        if !cold_dirs.is_empty() {
+            let mut group = c.benchmark_group("resume_ws_cold");
+            group
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(100));
+            for (mib, name, round, dir) in &cold_dirs {
+                for mode in ["lazy", "prefetch"] {
+                    let id = BenchmarkId::new(format!("{mib}MiB/{name}"), mode);
+                    let label = format!("resume_ws_cold/{mib}MiB/{name}/{mode}");
+                    resume(
+                        &mut group,
+                        id,
+                        &label,
+                        dir,
+                        *round,
+                        mode == "prefetch",
+                        true,
+                    );
+                }
+            }
+            group.finish();
+            if let Some(cold_root) = &cold_root {
+                let _ = std::fs::remove_dir_all(cold_root);
+            }
+        }
 
         let mut group = c.benchmark_group("restore_call");
         group

@@ -249,15 +249,8 @@ mod aarch64 {
         config: SavedConfig,
         threads: Threads,
     ) -> Result<MicroVm, Error> {
+        // Started paused, as the VM: no device runs before start().
         let event_loop = devices.start_event_loop(threads.filters.clone())?;
-        event_loop
-            .pause_within(crate::DEFAULT_PAUSE_DEADLINE)
-            .map_err(|e| match e {
-                crate::event_loop::PauseError::Failed(f) => Error::DeviceThread(f),
-                crate::event_loop::PauseError::Stuck { .. } => {
-                    Error::Internal("the device event loop did not park at start-up")
-                }
-            })?;
         let (serial, _) = devices
             .serial
             .ok_or(Error::Internal("the console UART was not attached"))?;

@@ -315,6 +315,7 @@ impl DeviceManager {
         Ok(EventLoop::start_filtered(
             std::mem::take(&mut self.subscribers),
             filters,
+            true,
         )?)
     }
 }

@@ -180,6 +180,21 @@ impl Park {
     fn lock(&self) -> std::sync::MutexGuard<'_, ParkState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// On the loop thread: if a pause is asked, parks until it is lifted.
+    fn park_while_requested(&self) {
+        let mut state = self.lock();
+        if !state.requested {
+            return;
+        }
+        state.parked = true;
+        self.changed.notify_all();
+        while state.requested {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked = false;
+        self.changed.notify_all();
+    }
 }
 
 /// Parks the loop thread when its eventfd is written and a pause is asked.
@@ -191,21 +206,7 @@ struct Parker {
 impl MutEventSubscriber for Parker {
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.evt.read();
-        let mut state = self.park.lock();
-        if !state.requested {
-            return;
-        }
-        state.parked = true;
-        self.park.changed.notify_all();
-        while state.requested {
-            state = self
-                .park
-                .changed
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        state.parked = false;
-        self.park.changed.notify_all();
+        self.park.park_while_requested();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -245,14 +246,18 @@ impl EventLoop {
     /// failure and pause reports use.
     pub fn start_named(subscribers: Vec<(String, Subscriber)>) -> Result<Self, EventLoopError> {
         let filters = ThreadFilters::new(&seccomp::SeccompPolicy::Disabled)?;
-        Self::start_filtered(subscribers, Arc::new(filters))
+        Self::start_filtered(subscribers, Arc::new(filters), false)
     }
 
     /// Like [`start_named`](Self::start_named); the thread installs the
-    /// device I/O filter of `filters` on itself first.
+    /// device I/O filter of `filters` on itself first. If `paused`, the
+    /// loop starts paused: it parks before it runs any subscriber, until
+    /// [`resume`](Self::resume), and this does not wait for it to get
+    /// there.
     pub(crate) fn start_filtered(
         subscribers: Vec<(String, Subscriber)>,
         filters: Arc<ThreadFilters>,
+        paused: bool,
     ) -> Result<Self, EventLoopError> {
         let health = Arc::new(Health {
             names: subscribers.iter().map(|(n, _)| n.clone()).collect(),
@@ -279,6 +284,8 @@ impl EventLoop {
         let pause =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(EventLoopError::Io)?;
         let park = Arc::new(Park::default());
+        park.lock().requested = paused;
+        let first_park = park.clone();
         let parker = Parker {
             evt: pause.try_clone().map_err(EventLoopError::Io)?,
             park: park.clone(),
@@ -302,6 +309,7 @@ impl EventLoop {
                     ready_tx,
                     &thread_health,
                     &filters,
+                    &first_park,
                 )
             })
             .map_err(EventLoopError::Io)?;
@@ -401,6 +409,7 @@ fn run(
     ready: mpsc::Sender<Result<(), EventLoopError>>,
     health: &Health,
     filters: &ThreadFilters,
+    park: &Park,
 ) {
     let mut manager = match EventManager::<Subscriber>::new() {
         Ok(m) => m,
@@ -416,6 +425,8 @@ fn run(
         manager.add_subscriber(s);
     }
     let _ = ready.send(Ok(()));
+    // Started paused: no subscriber runs before the first resume.
+    park.park_while_requested();
     while !stop.load(Ordering::Acquire) {
         match catch_unwind(AssertUnwindSafe(|| manager.run())) {
             Ok(Ok(_)) => {}

@@ -405,6 +405,19 @@ pub(crate) struct ThreadFilters {
     waker: Mutex<Option<Waker>>,
 }
 
+/// The default filter of `kind`, compiled once per process: every VM
+/// (and every restore) would otherwise compile the same programs again.
+fn cached_default_filter(kind: ThreadKind) -> Result<Arc<BpfProgram>, SeccompError> {
+    static CACHE: Mutex<BTreeMap<ThreadKind, Arc<BpfProgram>>> = Mutex::new(BTreeMap::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(program) = cache.get(&kind) {
+        return Ok(program.clone());
+    }
+    let program = Arc::new(default_filter(kind)?);
+    cache.insert(kind, program.clone());
+    Ok(program)
+}
+
 /// What a thread that noticed a violation calls to wake the VM's waiter.
 pub(crate) type Waker = Box<dyn Fn(Violation) + Send>;
 
@@ -439,10 +452,10 @@ impl ThreadFilters {
                                 max: BPF_MAXINSNS,
                             })
                         }
-                        Some(p) => p.clone(),
-                        None => default_filter(kind)?,
+                        Some(p) => Arc::new(p.clone()),
+                        None => cached_default_filter(kind)?,
                     };
-                    programs.insert(kind, Arc::new(program));
+                    programs.insert(kind, program);
                 }
                 install_handler()?;
             }
@@ -462,7 +475,7 @@ impl ThreadFilters {
         if enabled && cfg!(target_arch = "aarch64") {
             programs.insert(
                 ThreadKind::Session,
-                Arc::new(default_filter(ThreadKind::Session)?),
+                cached_default_filter(ThreadKind::Session)?,
             );
             install_handler()?;
         }

@@ -1021,8 +1021,15 @@ mod aarch64 {
         if let Some(set) = set {
             let start = std::time::Instant::now();
             // Dense chunks into huge pages now, while nothing runs; the
-            // scattered rest on a thread while the vCPUs start.
-            let (covered, chunks) = match install_huge(&set, range, vm.config.memory_size) {
+            // scattered rest on a thread while the vCPUs start. Not while
+            // KVM logs dirty pages: it then maps guest memory page by page
+            // whatever backs it, and the copy would only cost time.
+            let huge = if vm.dirty.is_some() {
+                Ok((0, Vec::new()))
+            } else {
+                install_huge(&set, range, vm.config.memory_size)
+            };
+            let (covered, chunks) = match huge {
                 Ok(done) => done,
                 Err(e) => {
                     log::warn!(
