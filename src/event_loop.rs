@@ -16,7 +16,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -228,7 +228,7 @@ pub struct EventLoop {
 
 impl EventLoop {
     /// Starts the thread and registers every subscriber (each one's `init`
-    /// runs on the loop thread before this returns). Subscribers are named
+    /// runs on the calling thread, before this returns). Subscribers are named
     /// by their position ("subscriber 0", ...); see
     /// [`start_named`](Self::start_named). The thread has no seccomp
     /// filter: a VM's loop is started with its filters.
@@ -290,7 +290,16 @@ impl EventLoop {
             evt: pause.try_clone().map_err(EventLoopError::Io)?,
             park: park.clone(),
         };
-        let (ready_tx, ready_rx) = mpsc::channel();
+        // Set up here, so start-up errors are this call's and nothing
+        // waits for the new thread: each subscriber's `init` registers its
+        // fds now.
+        let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Manager)?;
+        let stop_flag = stopper.stop.clone();
+        manager.add_subscriber(Arc::new(Mutex::new(stopper)));
+        manager.add_subscriber(Arc::new(Mutex::new(parker)));
+        for s in subscribers {
+            manager.add_subscriber(s);
+        }
         let thread_health = health.clone();
         let thread = thread::Builder::new()
             .name("dormouse-io".into())
@@ -298,40 +307,22 @@ impl EventLoop {
                 let _seccomp = match filters.enter(ThreadKind::DeviceIo, None) {
                     Ok(guard) => guard,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.into()));
+                        thread_health.fail(IoFailure::Manager(format!(
+                            "the device I/O thread could not install its seccomp filter: {e}"
+                        )));
                         return;
                     }
                 };
-                run(
-                    subscribers,
-                    stopper,
-                    parker,
-                    ready_tx,
-                    &thread_health,
-                    &filters,
-                    &first_park,
-                )
+                run(manager, &stop_flag, &thread_health, &filters, &first_park)
             })
             .map_err(EventLoopError::Io)?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                stop,
-                pause,
-                park,
-                health,
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(mpsc::RecvError) => {
-                let _ = thread.join();
-                Err(EventLoopError::Io(std::io::Error::other(
-                    "the event loop thread ended during start-up",
-                )))
-            }
-        }
+        Ok(Self {
+            stop,
+            pause,
+            park,
+            health,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -403,28 +394,12 @@ impl EventLoop {
 }
 
 fn run(
-    subscribers: Vec<Subscriber>,
-    stopper: Stopper,
-    parker: Parker,
-    ready: mpsc::Sender<Result<(), EventLoopError>>,
+    mut manager: EventManager<Subscriber>,
+    stop: &AtomicBool,
     health: &Health,
     filters: &ThreadFilters,
     park: &Park,
 ) {
-    let mut manager = match EventManager::<Subscriber>::new() {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(EventLoopError::Manager(e)));
-            return;
-        }
-    };
-    let stop = stopper.stop.clone();
-    manager.add_subscriber(Arc::new(Mutex::new(stopper)));
-    manager.add_subscriber(Arc::new(Mutex::new(parker)));
-    for s in subscribers {
-        manager.add_subscriber(s);
-    }
-    let _ = ready.send(Ok(()));
     // Started paused: no subscriber runs before the first resume.
     park.park_while_requested();
     while !stop.load(Ordering::Acquire) {
@@ -485,6 +460,7 @@ impl Drop for EventLoop {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
     use std::time::Duration;
 
     use super::*;
