@@ -7,6 +7,7 @@
 
 mod cpio;
 mod cross;
+mod disk;
 mod fuzz;
 mod libtest;
 mod lint;
