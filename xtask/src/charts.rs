@@ -191,8 +191,8 @@ pub fn restore_chart(records: &[Record]) -> Option<LineChart> {
     let mut lines = Lines::default();
     for r in records {
         let label = match (r.group.as_str(), r.parts.as_slice()) {
-            ("snapshot_restore", [_]) => "snapshot_restore (resume(true))".to_string(),
-            ("floor_restore", [_]) => "floor_restore (bare kvm-ioctls)".to_string(),
+            ("snapshot_restore", [_]) => "snapshot_restore".to_string(),
+            ("floor_restore", [_]) => "floor_restore (no dormouse)".to_string(),
             (group, [_, mode]) if group.starts_with("restore_call") => {
                 format!("{group}, {mode}")
             }
@@ -310,7 +310,7 @@ pub fn resume_chart(records: &[Record]) -> Option<BarChart> {
     let (unit, scale) = time_unit(max);
     let categories = cells
         .keys()
-        .map(|(size, _, pattern)| format!("{size} MiB {pattern}"))
+        .map(|(size, _, pattern)| format!("{size} MiB\n{pattern}"))
         .collect();
     let series = labels
         .into_iter()
@@ -508,15 +508,12 @@ mod tests {
             got,
             [
                 (
-                    "floor_restore (bare kvm-ioctls)",
+                    "floor_restore (no dormouse)",
                     vec![(128.0, 1.0), (1024.0, 2.0)]
                 ),
                 ("restore_call, lazy", vec![(256.0, 5.0)]),
                 ("restore_call, prefetch", vec![(256.0, 9.0)]),
-                (
-                    "snapshot_restore (resume(true))",
-                    vec![(128.0, 3.0), (1024.0, 4.0)]
-                ),
+                ("snapshot_restore", vec![(128.0, 3.0), (1024.0, 4.0)]),
             ]
         );
         assert!(chart
@@ -563,7 +560,7 @@ mod tests {
         let chart = resume_chart(&records).unwrap();
         assert_eq!(
             chart.categories,
-            ["256 MiB seq32", "256 MiB scat32", "1024 MiB all"]
+            ["256 MiB\nseq32", "256 MiB\nscat32", "1024 MiB\nall"]
         );
         let got: Vec<(&str, Vec<Option<f64>>)> = chart
             .series

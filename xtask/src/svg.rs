@@ -11,8 +11,10 @@ const PALETTE: &[&str] = &[
 ];
 const LEFT: f64 = 80.0;
 const TOP: f64 = 56.0;
-const LEGEND_WIDTH: f64 = 230.0;
-const BOTTOM: f64 = 84.0;
+/// Roughly the width of one character at the 12 px font (legend and
+/// category labels are sized with it; nothing needs it exact).
+const CHAR_WIDTH: f64 = 7.0;
+const BOTTOM: f64 = 92.0;
 const PLOT_HEIGHT: f64 = 300.0;
 
 /// One line of a [`LineChart`]: (x, y) points, drawn in x order.
@@ -113,15 +115,15 @@ fn trim_float(value: f64, step: f64) -> String {
 /// axis labels, caption; returns the SVG so far and the y scale.
 struct Frame {
     svg: String,
-    width: f64,
     plot_width: f64,
     y_max: f64,
 }
 
 impl Frame {
-    fn new(title: &str, y_label: &str, plot_width: f64, y_data_max: f64, n_legend: usize) -> Frame {
-        let width = LEFT + plot_width + LEGEND_WIDTH;
-        let legend_height = TOP + 20.0 * n_legend as f64 + 20.0;
+    fn new(title: &str, y_label: &str, plot_width: f64, y_data_max: f64, legend: &[&str]) -> Frame {
+        let longest = legend.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+        let width = LEFT + plot_width + 60.0 + CHAR_WIDTH * longest as f64;
+        let legend_height = TOP + 20.0 * legend.len() as f64 + 20.0;
         let height = (TOP + PLOT_HEIGHT + BOTTOM).max(legend_height);
         let y_ticks = ticks(y_data_max);
         let y_max = *y_ticks.last().unwrap_or(&1.0);
@@ -174,7 +176,6 @@ impl Frame {
         );
         Frame {
             svg,
-            width,
             plot_width,
             y_max,
         }
@@ -217,17 +218,16 @@ impl Frame {
         let _ = writeln!(
             self.svg,
             r#"<text x="{centre:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            bottom + 44.0,
+            bottom + 54.0,
             escape(x_label)
         );
         let _ = writeln!(
             self.svg,
             r##"<text x="{:.1}" y="{:.1}" font-size="11" fill="#555555">{}</text>"##,
             LEFT,
-            bottom + 70.0,
+            bottom + 80.0,
             escape(caption)
         );
-        let _ = self.width;
         self.svg.push_str("</svg>\n");
         self.svg
     }
@@ -244,13 +244,8 @@ impl LineChart {
         let x_data_max = points.clone().map(|p| p.0).fold(0.0, f64::max);
         let y_data_max = points.map(|p| p.1).fold(0.0, f64::max);
         let plot_width = 480.0;
-        let mut frame = Frame::new(
-            &self.title,
-            &self.y_label,
-            plot_width,
-            y_data_max,
-            self.series.len(),
-        );
+        let legend: Vec<&str> = self.series.iter().map(|s| s.label.as_str()).collect();
+        let mut frame = Frame::new(&self.title, &self.y_label, plot_width, y_data_max, &legend);
         let x_ticks = ticks(x_data_max);
         let x_max = *x_ticks.last().unwrap_or(&1.0);
         let x_step = x_ticks.get(1).copied().unwrap_or(x_max);
@@ -300,7 +295,15 @@ impl BarChart {
     pub fn to_svg(&self) -> String {
         let n_series = self.series.len().max(1);
         let bar = 18.0;
-        let group = (n_series as f64 * bar + 24.0).max(96.0);
+        // Room for the bars, and for the category's longest label line.
+        let longest = self
+            .categories
+            .iter()
+            .flat_map(|c| c.lines())
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap_or(0);
+        let group = (n_series as f64 * bar + 24.0).max(CHAR_WIDTH * longest as f64 + 16.0);
         let plot_width = (group * self.categories.len() as f64).max(240.0);
         let y_data_max = self
             .series
@@ -308,13 +311,8 @@ impl BarChart {
             .flat_map(|s| s.values.iter().flatten())
             .copied()
             .fold(0.0, f64::max);
-        let mut frame = Frame::new(
-            &self.title,
-            &self.y_label,
-            plot_width,
-            y_data_max,
-            self.series.len(),
-        );
+        let legend: Vec<&str> = self.series.iter().map(|s| s.label.as_str()).collect();
+        let mut frame = Frame::new(&self.title, &self.y_label, plot_width, y_data_max, &legend);
         let bottom = TOP + PLOT_HEIGHT;
         let group = plot_width / self.categories.len().max(1) as f64;
         for (c, category) in self.categories.iter().enumerate() {
@@ -326,23 +324,26 @@ impl BarChart {
                 let top = frame.y(value);
                 let _ = writeln!(
                     frame.svg,
-                    r#"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {}: {}</title></rect>"#,
+                    r#"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}, {}: {}</title></rect>"#,
                     left + s as f64 * bar,
                     bar - 2.0,
                     bottom - top,
                     colour(s),
-                    escape(category),
+                    escape(&category.replace('\n', " ")),
                     escape(&series.label),
                     format_value(value)
                 );
             }
-            let _ = writeln!(
-                frame.svg,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                LEFT + (c as f64 + 0.5) * group,
-                bottom + 20.0,
-                escape(category)
-            );
+            // A label line per line of the category name.
+            for (line_no, line) in category.lines().enumerate() {
+                let _ = writeln!(
+                    frame.svg,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                    LEFT + (c as f64 + 0.5) * group,
+                    bottom + 18.0 + 14.0 * line_no as f64,
+                    escape(line)
+                );
+            }
         }
         for (index, series) in self.series.iter().enumerate() {
             frame.legend(index, &series.label, "bar");
@@ -448,7 +449,7 @@ mod tests {
             x_label: "guest memory / working set".into(),
             y_label: "time (ms)".into(),
             caption: "c".into(),
-            categories: vec!["256 MiB seq32".into(), "1024 MiB all".into()],
+            categories: vec!["256 MiB\nseq32".into(), "1024 MiB\nall".into()],
             series: vec![
                 BarSeries {
                     label: "lazy".into(),
@@ -467,8 +468,10 @@ mod tests {
         // 0..40 over 300 px, by category then series: 10 -> 75, 5 -> 37.5,
         // 40 -> 300.
         assert_eq!(heights[1..4], ["75.0", "37.5", "300.0"]);
-        assert!(svg.contains(">1024 MiB all</text>"));
+        // Two-line category labels, one text element per line.
+        assert!(svg.contains(">1024 MiB</text>"));
+        assert!(svg.contains(">all</text>"));
         assert!(svg.contains(">prefetch</text>"));
-        assert!(svg.contains("<title>256 MiB seq32 prefetch: 5.00</title>"));
+        assert!(svg.contains("<title>256 MiB seq32, prefetch: 5.00</title>"));
     }
 }
