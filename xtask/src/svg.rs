@@ -14,6 +14,10 @@ const TOP: f64 = 56.0;
 /// Roughly the width of one character at the 12 px font (legend and
 /// category labels are sized with it; nothing needs it exact).
 const CHAR_WIDTH: f64 = 7.0;
+/// The narrowest plot area: room for a title and an axis label under it.
+const MIN_PLOT_WIDTH: f64 = 480.0;
+/// The caption's font is 11 px.
+const CAPTION_CHAR_WIDTH: f64 = 6.5;
 const BOTTOM: f64 = 92.0;
 const PLOT_HEIGHT: f64 = 300.0;
 
@@ -120,9 +124,17 @@ struct Frame {
 }
 
 impl Frame {
-    fn new(title: &str, y_label: &str, plot_width: f64, y_data_max: f64, legend: &[&str]) -> Frame {
+    fn new(
+        title: &str,
+        y_label: &str,
+        caption: &str,
+        plot_width: f64,
+        y_data_max: f64,
+        legend: &[&str],
+    ) -> Frame {
         let longest = legend.iter().map(|l| l.chars().count()).max().unwrap_or(0);
-        let width = LEFT + plot_width + 60.0 + CHAR_WIDTH * longest as f64;
+        let width = (LEFT + plot_width + 60.0 + CHAR_WIDTH * longest as f64)
+            .max(LEFT + CAPTION_CHAR_WIDTH * caption.chars().count() as f64 + 20.0);
         let legend_height = TOP + 20.0 * legend.len() as f64 + 20.0;
         let height = (TOP + PLOT_HEIGHT + BOTTOM).max(legend_height);
         let y_ticks = ticks(y_data_max);
@@ -243,9 +255,16 @@ impl LineChart {
         let points = self.series.iter().flat_map(|s| s.points.iter());
         let x_data_max = points.clone().map(|p| p.0).fold(0.0, f64::max);
         let y_data_max = points.map(|p| p.1).fold(0.0, f64::max);
-        let plot_width = 480.0;
+        let plot_width = MIN_PLOT_WIDTH;
         let legend: Vec<&str> = self.series.iter().map(|s| s.label.as_str()).collect();
-        let mut frame = Frame::new(&self.title, &self.y_label, plot_width, y_data_max, &legend);
+        let mut frame = Frame::new(
+            &self.title,
+            &self.y_label,
+            &self.caption,
+            plot_width,
+            y_data_max,
+            &legend,
+        );
         let x_ticks = ticks(x_data_max);
         let x_max = *x_ticks.last().unwrap_or(&1.0);
         let x_step = x_ticks.get(1).copied().unwrap_or(x_max);
@@ -304,7 +323,7 @@ impl BarChart {
             .max()
             .unwrap_or(0);
         let group = (n_series as f64 * bar + 24.0).max(CHAR_WIDTH * longest as f64 + 16.0);
-        let plot_width = (group * self.categories.len() as f64).max(240.0);
+        let plot_width = (group * self.categories.len() as f64).max(MIN_PLOT_WIDTH);
         let y_data_max = self
             .series
             .iter()
@@ -312,7 +331,14 @@ impl BarChart {
             .copied()
             .fold(0.0, f64::max);
         let legend: Vec<&str> = self.series.iter().map(|s| s.label.as_str()).collect();
-        let mut frame = Frame::new(&self.title, &self.y_label, plot_width, y_data_max, &legend);
+        let mut frame = Frame::new(
+            &self.title,
+            &self.y_label,
+            &self.caption,
+            plot_width,
+            y_data_max,
+            &legend,
+        );
         let bottom = TOP + PLOT_HEIGHT;
         let group = plot_width / self.categories.len().max(1) as f64;
         for (c, category) in self.categories.iter().enumerate() {
@@ -468,6 +494,16 @@ mod tests {
         // 0..40 over 300 px, by category then series: 10 -> 75, 5 -> 37.5,
         // 40 -> 300.
         assert_eq!(heights[1..4], ["75.0", "37.5", "300.0"]);
+        // Two categories still get the minimum plot width, and the caption
+        // fits in the picture.
+        assert!(svg.starts_with(&format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}""#,
+            80 + 480 + 60 + 7 * 8
+        )));
+        // A caption wider than that widens the picture: 80 + 200 * 6.5 + 20.
+        let mut wide = chart.clone();
+        wide.caption = "x".repeat(200);
+        assert!(wide.to_svg().contains(r#" width="1400" "#));
         // Two-line category labels, one text element per line.
         assert!(svg.contains(">1024 MiB</text>"));
         assert!(svg.contains(">all</text>"));
