@@ -89,9 +89,10 @@ pub fn size_from_env(value: Option<&str>) -> Result<Option<u64>> {
     }
 }
 
-/// Makes a fresh, empty, sparse ext4 image of `size_mb` MiB at `path`
-/// (whatever was there is replaced).
-pub fn create(path: &Path, size_mb: u64) -> Result<DataDisk> {
+/// Makes a fresh sparse ext4 image of `size_mb` MiB at `path` (whatever
+/// was there is replaced), empty or holding a copy of the directory `seed`
+/// (its contents become the file system's root: `mkfs.ext4 -d`).
+pub fn create(path: &Path, size_mb: u64, seed: Option<&Path>) -> Result<DataDisk> {
     util::remove_all(path)?;
     if let Some(parent) = path.parent() {
         util::mkdir(parent)?;
@@ -109,7 +110,11 @@ pub fn create(path: &Path, size_mb: u64) -> Result<DataDisk> {
     let mut cmd = Command::new("mkfs.ext4");
     // Inode tables stay uninitialised (lazy): /init mounts with
     // noinit_itable, so no kernel thread zeroes them during a bench.
-    cmd.args(["-q", "-F", "-L", LABEL, "-m", "0"]).arg(path);
+    cmd.args(["-q", "-F", "-L", LABEL, "-m", "0"]);
+    if let Some(seed) = seed {
+        cmd.arg("-d").arg(seed);
+    }
+    cmd.arg(path);
     util::capture(
         &mut cmd,
         "mkfs.ext4 comes with e2fsprogs: run `cargo xtask setup` (or apt-get install \
@@ -123,6 +128,27 @@ pub fn create(path: &Path, size_mb: u64) -> Result<DataDisk> {
             "writeback"
         },
     })
+}
+
+/// Copies the tree `from` to `to` (files and directories; symlinks and
+/// other special files are left out), replacing `to`.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    util::remove_all(to)?;
+    util::mkdir(to)?;
+    let entries = std::fs::read_dir(from).context(|| format!("cannot list {}", from.display()))?;
+    for entry in entries {
+        let entry = entry.context(|| format!("cannot list {}", from.display()))?;
+        let kind = entry
+            .file_type()
+            .context(|| format!("cannot stat {}", entry.path().display()))?;
+        let dest = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &dest)?;
+        } else if kind.is_file() {
+            util::copy_file(&entry.path(), &dest)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -272,7 +298,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xtask-disk-{}", std::process::id()));
         util::remove_all(&dir).unwrap();
         let image = dir.join("data.img");
-        let disk = create(&image, 64).unwrap();
+        let disk = create(&image, 64, None).unwrap();
         let meta = std::fs::metadata(&image).unwrap();
         assert_eq!(meta.len(), 64 << 20);
         use std::os::unix::fs::MetadataExt;
@@ -308,6 +334,24 @@ mod tests {
             "{\"x\": 1}\n"
         );
         assert!(!dest.join("stale").exists());
+
+        // A seeded disk holds a copy of the seed, which comes back out.
+        let seed = dir.join("seed");
+        copy_tree(&dest, &seed.join("criterion")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", seed.join("criterion/link")).unwrap();
+        copy_tree(&dest, &dir.join("other")).unwrap();
+        create(&image, 64, Some(&seed)).unwrap();
+        let back = dir.join("back");
+        assert!(copy_out(&image, "/criterion", &back).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(back.join("report/index.html")).unwrap(),
+            "{\"x\": 1}\n"
+        );
+        assert!(back.join("link").symlink_metadata().is_ok());
+        // copy_tree leaves symlinks out.
+        copy_tree(&seed, &dir.join("seed2")).unwrap();
+        assert!(dir.join("seed2/criterion/report/index.html").is_file());
+        assert!(dir.join("seed2/criterion/link").symlink_metadata().is_err());
         util::remove_all(&dir).unwrap();
     }
 }

@@ -535,7 +535,11 @@ pub fn build_initramfs(rig: &Rig, jobs: &[Job], data: &DataPlan, out: &Path) -> 
 /// Makes this boot's data disk (`target/rig/data-<label>.img`, fresh and
 /// empty). A disk that cannot be made is a warning, not an error: the jobs
 /// run without one, and `/init` says why.
-fn prepare_data_disk(rig: &Rig, label: &str) -> Result<(Option<DataDisk>, Option<String>)> {
+fn prepare_data_disk(
+    rig: &Rig,
+    label: &str,
+    data: &DataUse,
+) -> Result<(Option<DataDisk>, Option<String>)> {
     let size = disk::size_from_env(std::env::var(disk::DISK_MB_VAR).ok().as_deref())?;
     let Some(size_mb) = size else {
         return Ok((
@@ -545,16 +549,31 @@ fn prepare_data_disk(rig: &Rig, label: &str) -> Result<(Option<DataDisk>, Option
     };
     let path = rig.dir.join(format!("data-{label}.img"));
     let start = Instant::now();
-    match disk::create(&path, size_mb) {
-        Ok(data) => {
+    // What to copy onto it: `<seed root>/<name>` becomes `/data/<name>`.
+    let seed_root = rig.dir.join(format!("data-{label}.seed"));
+    let mut seeded = None;
+    if let Some((from, name)) = data.seed.filter(|(from, _)| from.is_dir()) {
+        match disk::copy_tree(from, &seed_root.join(name)) {
+            Ok(()) => seeded = Some(format!(", holding a copy of {} as /{name}", from.display())),
+            Err(e) => util::warn(format!(
+                "the data disk starts empty: could not copy {} for it: {e}",
+                from.display()
+            )),
+        }
+    }
+    let made = disk::create(&path, size_mb, seeded.as_ref().map(|_| seed_root.as_path()));
+    let _ = util::remove_all(&seed_root);
+    match made {
+        Ok(disk) => {
             util::say(format!(
-                "data disk: {} ({size_mb} MiB sparse ext4, cache={}, {}) -> {} in the emulated host",
+                "data disk: {} ({size_mb} MiB sparse ext4, cache={}{}, {}) -> {} in the emulated host",
                 path.display(),
-                data.cache,
+                disk.cache,
+                seeded.unwrap_or_default(),
                 util::secs(start.elapsed()),
                 disk::MOUNT_POINT
             ));
-            Ok((Some(data), None))
+            Ok((Some(disk), None))
         }
         Err(e) => {
             util::warn(format!("no data disk for this boot: {e}"));
@@ -563,22 +582,32 @@ fn prepare_data_disk(rig: &Rig, label: &str) -> Result<(Option<DataDisk>, Option
     }
 }
 
+/// What a run puts on its data disk and tells its jobs about it.
+#[derive(Default)]
+pub struct DataUse<'a> {
+    /// Exported to the jobs (besides `DORMOUSE_RIG_DATA`) only if the disk
+    /// mounts.
+    pub env: &'a [(&'a str, &'a str)],
+    /// A directory on this side copied onto the fresh disk as
+    /// `/data/<name>` (skipped if it does not exist).
+    pub seed: Option<(&'a Path, &'a str)>,
+}
+
 /// Packs `jobs`, boots the emulated host, streams its console and parses it.
 /// `label` names the initramfs file (`target/rig/initramfs-<label>.cpio`)
-/// and the data disk (`target/rig/data-<label>.img`); `data_env` is exported
-/// to the jobs only if the data disk mounts.
-pub fn run(rig: &Rig, jobs: &[Job], label: &str, data_env: &[(&str, &str)]) -> Result<Outcome> {
+/// and the data disk (`target/rig/data-<label>.img`).
+pub fn run(rig: &Rig, jobs: &[Job], label: &str, data: &DataUse) -> Result<Outcome> {
     let mem_mb = env_number("DORMOUSE_RIG_MEM_MB", DEFAULT_MEM_MB)?;
     let timeout = Duration::from_secs(env_number(
         "DORMOUSE_RIG_TIMEOUT_SECS",
         DEFAULT_TIMEOUT_SECS,
     )?);
 
-    let (data_disk, missing) = prepare_data_disk(rig, label)?;
+    let (data_disk, missing) = prepare_data_disk(rig, label, data)?;
     let plan = match missing {
         Some(why) => DataPlan::Missing(why),
         None => DataPlan::Attached(
-            data_env
+            data.env
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),

@@ -214,7 +214,12 @@ fn emulated_tests(rig: &Rig, args: &[String]) -> Side {
             .push("the cross build produced no test executables".to_string());
         return side;
     }
-    match rig::run(rig, &jobs(&artifacts, &libtest_args(args)), "test", &[]) {
+    match rig::run(
+        rig,
+        &jobs(&artifacts, &libtest_args(args)),
+        "test",
+        &rig::DataUse::default(),
+    ) {
         Err(e) => side.problem(e.to_string()),
         Ok(outcome) => {
             side.counts = outcome.counts();
@@ -356,12 +361,19 @@ pub fn bench(args: &[String]) -> Result<i32> {
     }
     let mut bench_args = vec!["--bench".to_string()];
     bench_args.extend(args.iter().cloned());
+    // criterion writes to the data disk, which starts with the last run's
+    // results: its "change" lines compare against them, and results of
+    // benches this run skipped stay for `cargo xtask charts`.
     let criterion_home = format!("{}/{CRITERION_DIR}", disk::MOUNT_POINT);
+    let last = criterion_rig_dir();
     let outcome = rig::run(
         &rig,
         &jobs(&artifacts, &bench_args),
         "bench",
-        &[("CRITERION_HOME", &criterion_home)],
+        &rig::DataUse {
+            env: &[("CRITERION_HOME", &criterion_home)],
+            seed: Some((&last, CRITERION_DIR)),
+        },
     )?;
     let reports = copy_criterion_reports(&outcome);
     println!();
@@ -476,7 +488,7 @@ pub fn demo(args: &[String]) -> Result<i32> {
         &rig,
         &jobs(std::slice::from_ref(artifact), args),
         "demo",
-        &[],
+        &rig::DataUse::default(),
     )?;
     let problems = outcome.problems();
     for problem in &problems {
