@@ -5,14 +5,17 @@
 //! the aarch64 binaries inside an emulated arm64 host (qemu-system-aarch64
 //! with EL2), where nested /dev/kvm works. See /work/shared/ARM64-RIG.md.
 
+mod charts;
 mod cpio;
 mod cross;
+mod disk;
 mod fuzz;
 mod libtest;
 mod lint;
 mod payloads;
 mod rig;
 mod setup;
+mod svg;
 mod tasks;
 mod util;
 
@@ -30,7 +33,11 @@ commands:
                             test binary of dormouse inside the emulated arm64 host;
                             the last line is `N passed, N failed`
   bench [-- <criterion args>]
-                            dormouse's benches inside the emulated arm64 host
+                            dormouse's benches inside the emulated arm64 host; criterion's
+                            output (HTML reports with plots) is copied back to
+                            target/criterion-rig/ (report/index.html)
+  charts                    SVG charts for the README from target/criterion-rig/ into
+                            docs/charts/ (a chart without data is skipped)
   demo [-- <args>]          examples/demo.rs inside the emulated arm64 host
   lint                      cargo fmt --check, clippy (host and aarch64), payloads --check
   payloads [--check]        regenerate tests/common/payloads.rs from tests/payloads/*.S
@@ -42,6 +49,8 @@ commands:
 environment:
   DORMOUSE_RIG_MEM_MB        memory of the emulated host (default 4096)
   DORMOUSE_RIG_TIMEOUT_SECS  kill the emulated host after this long (default 1500)
+  DORMOUSE_RIG_DISK_MB       size of its ext4 data disk at /data (sparse, default 8192;
+                             0 = none); jobs see DORMOUSE_RIG_DATA=/data when it mounts
   DORMOUSE_BENCH_ONLY        bench: run only these bench binaries (e.g. resume,snapshot)
   RUST_BACKTRACE, RUST_LOG, RUST_TEST_NOCAPTURE and DORMOUSE_* are passed into it
 ";
@@ -100,6 +109,10 @@ fn dispatch(args: &[String]) -> Result<i32> {
         "bench" => {
             let (_, args) = split_args(rest, &[]);
             tasks::bench(&args)
+        }
+        "charts" => {
+            no_args("charts", rest)?;
+            charts::charts()
         }
         "demo" => {
             let (_, args) = split_args(rest, &[]);

@@ -5,11 +5,17 @@
 //!
 //! ```text
 //! @@RIG HOST kernel=<release> cpus=<n> kvm=yes
+//! @@RIG DATA /data <free> MiB free         (or: @@RIG data disk unavailable: <why>)
 //! @@RIG BEGIN <name>
 //! ... whatever the binary prints ...
 //! @@RIG END <name> rc=<exit code> uptime=<seconds>
 //! @@RIG DONE
 //! ```
+//!
+//! Besides the initramfs (tmpfs, lost at poweroff) the host gets a data disk
+//! (see disk.rs): a fresh ext4 image mounted at `/data`, exported to the
+//! jobs as `DORMOUSE_RIG_DATA`, unmounted before poweroff and readable from
+//! this side afterwards.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -17,6 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cpio::CpioWriter;
+use crate::disk::{self, DataDisk};
 use crate::libtest::{self, Counts};
 use crate::setup::Rig;
 use crate::util::{self, shell_quote, Context, Line, Result};
@@ -24,6 +31,10 @@ use crate::util::{self, shell_quote, Context, Line, Result};
 const DEFAULT_MEM_MB: u64 = 4096;
 const DEFAULT_TIMEOUT_SECS: u64 = 1500;
 const MARK: &str = "@@RIG ";
+/// Marker text (after `@@RIG `) when the data disk is not mounted.
+const DATA_UNAVAILABLE: &str = "data disk unavailable:";
+/// Marker text when it could not be unmounted before poweroff.
+const DATA_UNCLEAN: &str = "data disk unclean:";
 
 /// Where guest assets live inside the emulated host (exported to binaries).
 const GUEST_ENV: &[(&str, &str)] = &[
@@ -106,6 +117,24 @@ pub struct Outcome {
     pub boot_time: Option<Duration>,
     pub total_time: Duration,
     pub expected: Vec<String>,
+    /// The data disk attached to this boot (its image on this side).
+    pub data_disk: Option<DataDisk>,
+    /// What `/init` said about the data disk.
+    pub data: DataState,
+    /// `/init` could not unmount the data disk before poweroff: what it said.
+    pub data_unclean: Option<String>,
+}
+
+/// Whether the emulated host mounted its data disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DataState {
+    /// `/init` said nothing (it never got that far).
+    #[default]
+    Unknown,
+    /// Mounted at /data; the rest of the marker line (free space).
+    Ready(String),
+    /// Not mounted; why.
+    Unavailable(String),
 }
 
 impl Outcome {
@@ -222,6 +251,21 @@ impl Parser {
                     self.outcome.kvm = Some(marker.contains("kvm=yes"));
                     return;
                 }
+                Some("DATA") => {
+                    let rest = marker["DATA".len()..].trim();
+                    self.outcome.data = DataState::Ready(rest.to_string());
+                    return;
+                }
+                Some("data") => {
+                    if let Some(why) = marker.strip_prefix(DATA_UNAVAILABLE) {
+                        self.outcome.data = DataState::Unavailable(why.trim().to_string());
+                        return;
+                    }
+                    if let Some(why) = marker.strip_prefix(DATA_UNCLEAN) {
+                        self.outcome.data_unclean = Some(why.trim().to_string());
+                        return;
+                    }
+                }
                 _ => {}
             }
         }
@@ -265,8 +309,97 @@ fn env_number(name: &str, default: u64) -> Result<u64> {
     }
 }
 
+/// Whether `/init` gets a data disk, and what it exports once it mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataPlan {
+    /// A disk is attached; these variables (besides `DORMOUSE_RIG_DATA`)
+    /// are exported to the jobs only if it mounts.
+    Attached(Vec<(String, String)>),
+    /// None is attached; why (`/init` prints it in its unavailable marker).
+    Missing(String),
+}
+
+/// The part of `/init` that loads virtio-blk and mounts the data disk, or
+/// says why not; jobs run either way.
+fn data_disk_script(data: &DataPlan) -> String {
+    let env = match data {
+        DataPlan::Missing(why) => {
+            return format!(
+                "echo {}\n",
+                shell_quote(&format!("{MARK}{DATA_UNAVAILABLE} {why}"))
+            );
+        }
+        DataPlan::Attached(env) => env,
+    };
+    let mut s = format!(
+        r#"# The data disk (xtask/src/disk.rs): virtio-blk is a module in this kernel.
+data_disk() {{
+    if ! grep -q '^virtio_blk ' /proc/modules; then
+        if [ ! -f /{module} ]; then
+            echo "the initramfs has no virtio_blk.ko: target/rig/host/modules is incomplete (delete target/rig/host and rerun cargo xtask setup)"
+            return 1
+        fi
+        insmod /{module} || {{ echo "insmod virtio_blk.ko failed"; return 1; }}
+    fi
+    n=0
+    while [ ! -b {dev} ] && [ $n -lt 10 ]; do sleep 1; n=$((n + 1)); done
+    if [ ! -b {dev} ]; then
+        echo "no {dev} after loading virtio_blk (is the virtio-blk-pci drive attached?)"
+        return 1
+    fi
+    mkdir -p {mnt}
+    mount -t ext4 -o noatime,noinit_itable {dev} {mnt} || {{ echo "mount -t ext4 {dev} {mnt} failed"; return 1; }}
+}}
+if why=$(data_disk 2>&1); then
+    free=$(df -m {mnt} | awk 'NR == 2 {{ print $4 }}')
+    echo "{MARK}DATA {mnt} $free MiB free"
+    export {var}={mnt}
+"#,
+        module = disk::VIRTIO_BLK_IN_INITRAMFS,
+        dev = disk::GUEST_DEVICE,
+        mnt = disk::MOUNT_POINT,
+        var = disk::DATA_VAR,
+    );
+    for (name, value) in env {
+        s.push_str(&format!(
+            "    export {name}={}
+",
+            shell_quote(value)
+        ));
+    }
+    s.push_str(&format!(
+        r#"else
+    echo "{MARK}{DATA_UNAVAILABLE} $(echo "$why" | tr '\n' ' ')"
+fi
+"#
+    ));
+    s
+}
+
+/// The end of `/init`: the data disk unmounted (so what the jobs wrote is on
+/// it, not in a journal debugfs does not replay), then poweroff.
+fn poweroff_script() -> String {
+    format!(
+        r#"cd /
+sync
+if grep -q ' {mnt} ' /proc/mounts; then
+    if ! umount {mnt} 2>/tmp/rig-umount.err; then
+        echo "{MARK}{DATA_UNCLEAN} umount {mnt} failed ($(tr '\n' ' ' </tmp/rig-umount.err)); what the jobs wrote may be incomplete"
+        mount -o remount,ro {mnt} 2>/dev/null
+    fi
+fi
+echo "{MARK}DONE"
+sync
+poweroff -f
+sleep 10
+echo o >/proc/sysrq-trigger
+"#,
+        mnt = disk::MOUNT_POINT
+    )
+}
+
 /// The `/init` script: mounts, then runs each job between markers, then powers off.
-pub fn init_script(jobs: &[Job]) -> String {
+pub fn init_script(jobs: &[Job], data: &DataPlan) -> String {
     let mut s = String::new();
     s.push_str(
         r#"#!/bin/sh
@@ -295,7 +428,11 @@ ip link set lo up 2>/dev/null
     s.push_str(
         r#"if [ -e /dev/kvm ]; then kvm=yes; else kvm=no; fi
 echo "@@RIG HOST kernel=$(uname -r) cpus=$(nproc) kvm=$kvm"
-run() {
+"#,
+    );
+    s.push_str(&data_disk_script(data));
+    s.push_str(
+        r#"run() {
     name=$1
     shift
     mkdir -p "/tmp/rig/$name"
@@ -321,14 +458,7 @@ run() {
         words.extend(job.args.iter().map(|a| shell_quote(a)));
         s.push_str(&format!("run {}\n", words.join(" ")));
     }
-    s.push_str(
-        r#"echo "@@RIG DONE"
-sync
-poweroff -f
-sleep 10
-echo o >/proc/sysrq-trigger
-"#,
-    );
+    s.push_str(&poweroff_script());
     s
 }
 
@@ -351,8 +481,18 @@ fn tree(dir: &Path, prefix: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The host kernel's virtio-blk module (`modules/<version>/...`), if setup
+/// fetched it.
+fn host_virtio_blk(rig: &Rig) -> Option<PathBuf> {
+    std::fs::read_dir(&rig.host_modules)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(disk::VIRTIO_BLK_MODULE))
+        .find(|p| p.is_file())
+}
+
 /// Writes the initramfs for `jobs` to `out`; returns its size in bytes.
-pub fn build_initramfs(rig: &Rig, jobs: &[Job], out: &Path) -> Result<u64> {
+pub fn build_initramfs(rig: &Rig, jobs: &[Job], data: &DataPlan, out: &Path) -> Result<u64> {
     let mut w = CpioWriter::create(out)?;
     for dir in [
         "bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root", "etc", "rig/bin",
@@ -363,7 +503,11 @@ pub fn build_initramfs(rig: &Rig, jobs: &[Job], out: &Path) -> Result<u64> {
     w.char_device("dev/console", 0o600, 5, 1)?;
     w.file("bin/busybox", 0o755, &rig.busybox)?;
     w.symlink("bin/sh", "busybox")?;
-    w.bytes("init", 0o755, init_script(jobs).as_bytes())?;
+    w.bytes("init", 0o755, init_script(jobs, data).as_bytes())?;
+    // Without it /init says the data disk is unavailable, and names why.
+    if let (DataPlan::Attached(_), Some(module)) = (data, host_virtio_blk(rig)) {
+        w.file(disk::VIRTIO_BLK_IN_INITRAMFS, 0o644, &module)?;
+    }
     for job in jobs {
         w.file(&format!("rig/bin/{}", job.name), 0o755, &job.path)?;
     }
@@ -388,18 +532,90 @@ pub fn build_initramfs(rig: &Rig, jobs: &[Job], out: &Path) -> Result<u64> {
     w.finish()
 }
 
+/// Makes this boot's data disk (`target/rig/data-<label>.img`, fresh and
+/// empty). A disk that cannot be made is a warning, not an error: the jobs
+/// run without one, and `/init` says why.
+fn prepare_data_disk(
+    rig: &Rig,
+    label: &str,
+    data: &DataUse,
+) -> Result<(Option<DataDisk>, Option<String>)> {
+    let size = disk::size_from_env(std::env::var(disk::DISK_MB_VAR).ok().as_deref())?;
+    let Some(size_mb) = size else {
+        return Ok((
+            None,
+            Some(format!("{}=0 (none attached)", disk::DISK_MB_VAR)),
+        ));
+    };
+    let path = rig.dir.join(format!("data-{label}.img"));
+    let start = Instant::now();
+    // What to copy onto it: `<seed root>/<name>` becomes `/data/<name>`.
+    let seed_root = rig.dir.join(format!("data-{label}.seed"));
+    let mut seeded = None;
+    if let Some((from, name)) = data.seed.filter(|(from, _)| from.is_dir()) {
+        match disk::copy_tree(from, &seed_root.join(name)) {
+            Ok(()) => seeded = Some(format!(", holding a copy of {} as /{name}", from.display())),
+            Err(e) => util::warn(format!(
+                "the data disk starts empty: could not copy {} for it: {e}",
+                from.display()
+            )),
+        }
+    }
+    let made = disk::create(&path, size_mb, seeded.as_ref().map(|_| seed_root.as_path()));
+    let _ = util::remove_all(&seed_root);
+    match made {
+        Ok(disk) => {
+            util::say(format!(
+                "data disk: {} ({size_mb} MiB sparse ext4, cache={}{}, {}) -> {} in the emulated host",
+                path.display(),
+                disk.cache,
+                seeded.unwrap_or_default(),
+                util::secs(start.elapsed()),
+                disk::MOUNT_POINT
+            ));
+            Ok((Some(disk), None))
+        }
+        Err(e) => {
+            util::warn(format!("no data disk for this boot: {e}"));
+            Ok((None, Some(format!("the x86 side could not make it: {e}"))))
+        }
+    }
+}
+
+/// What a run puts on its data disk and tells its jobs about it.
+#[derive(Default)]
+pub struct DataUse<'a> {
+    /// Exported to the jobs (besides `DORMOUSE_RIG_DATA`) only if the disk
+    /// mounts.
+    pub env: &'a [(&'a str, &'a str)],
+    /// A directory on this side copied onto the fresh disk as
+    /// `/data/<name>` (skipped if it does not exist).
+    pub seed: Option<(&'a Path, &'a str)>,
+}
+
 /// Packs `jobs`, boots the emulated host, streams its console and parses it.
-/// `label` names the initramfs file (`target/rig/initramfs-<label>.cpio`).
-pub fn run(rig: &Rig, jobs: &[Job], label: &str) -> Result<Outcome> {
+/// `label` names the initramfs file (`target/rig/initramfs-<label>.cpio`)
+/// and the data disk (`target/rig/data-<label>.img`).
+pub fn run(rig: &Rig, jobs: &[Job], label: &str, data: &DataUse) -> Result<Outcome> {
     let mem_mb = env_number("DORMOUSE_RIG_MEM_MB", DEFAULT_MEM_MB)?;
     let timeout = Duration::from_secs(env_number(
         "DORMOUSE_RIG_TIMEOUT_SECS",
         DEFAULT_TIMEOUT_SECS,
     )?);
 
+    let (data_disk, missing) = prepare_data_disk(rig, label, data)?;
+    let plan = match missing {
+        Some(why) => DataPlan::Missing(why),
+        None => DataPlan::Attached(
+            data.env
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        ),
+    };
     let start = Instant::now();
     let initramfs = rig.dir.join(format!("initramfs-{label}.cpio"));
-    let size = build_initramfs(rig, jobs, &initramfs)?;
+    let size = build_initramfs(rig, jobs, &plan, &initramfs)?;
     util::say(format!(
         "initramfs: {} ({} MiB, {} binaries) in {}",
         initramfs.display(),
@@ -429,6 +645,7 @@ pub fn run(rig: &Rig, jobs: &[Job], label: &str) -> Result<Outcome> {
     .arg(&rig.host_image)
     .arg("-initrd")
     .arg(&initramfs)
+    .args(data_disk.iter().flat_map(DataDisk::qemu_args))
     .args(["-append", "console=ttyAMA0 panic=-1 quiet"])
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
@@ -489,6 +706,7 @@ pub fn run(rig: &Rig, jobs: &[Job], label: &str) -> Result<Outcome> {
     outcome.timed_out = timed_out.then_some(timeout);
     outcome.boot_time = boot_time;
     outcome.total_time = boot_start.elapsed();
+    outcome.data_disk = data_disk;
     util::say(format!(
         "emulated host: reached /init after {}, ran for {} in all ({})",
         boot_time
@@ -497,6 +715,15 @@ pub fn run(rig: &Rig, jobs: &[Job], label: &str) -> Result<Outcome> {
         util::secs(outcome.total_time),
         util::status_text(status)
     ));
+    match &outcome.data {
+        DataState::Unavailable(why) => util::warn(format!(
+            "the emulated host ran without its data disk: {why}"
+        )),
+        DataState::Ready(_) | DataState::Unknown => {}
+    }
+    if let Some(why) = &outcome.data_unclean {
+        util::warn(format!("the emulated host's data disk: {why}"));
+    }
     if outcome.kvm == Some(false) {
         util::warn("the emulated host has no /dev/kvm: tests that need KVM will fail");
     }
@@ -598,9 +825,97 @@ mod tests {
             path: PathBuf::from("/x"),
             args: vec!["--test-threads=1".into(), "it's".into()],
         }];
-        let s = init_script(&jobs);
+        let s = init_script(&jobs, &DataPlan::Missing("none".into()));
         assert!(s.contains(r"run test-a /rig/bin/test-a --test-threads=1 'it'\''s'"));
         assert!(s.contains("export DORMOUSE_GUEST_KERNEL=/rig/assets/Image"));
         assert!(s.ends_with("echo o >/proc/sysrq-trigger\n"));
+    }
+
+    /// Where the data disk's pieces sit in `/init`: mounted after the HOST
+    /// marker and before the first job; its variables exported only in the
+    /// branch where the mount worked; unmounted before DONE.
+    #[test]
+    fn script_data_disk() {
+        let jobs = [Job {
+            name: "bench-x".into(),
+            path: PathBuf::from("/x"),
+            args: vec![],
+        }];
+        let env = vec![("CRITERION_HOME".to_string(), "/data/criterion".to_string())];
+        let s = init_script(&jobs, &DataPlan::Attached(env));
+        let at = |needle: &str| {
+            s.find(needle)
+                .unwrap_or_else(|| panic!("no `{needle}` in:\n{s}"))
+        };
+        assert!(at("@@RIG HOST") < at("insmod /rig/host-modules/virtio_blk.ko"));
+        assert!(at("mount -t ext4 -o noatime,noinit_itable /dev/vda /data") < at("run bench-x"));
+        let ok = at("if why=$(data_disk 2>&1); then");
+        let export = at("    export DORMOUSE_RIG_DATA=/data\n");
+        let criterion = at("    export CRITERION_HOME=/data/criterion\n");
+        let otherwise = at("echo \"@@RIG data disk unavailable: $(echo \"$why\"");
+        assert!(ok < export && export < criterion && criterion < otherwise);
+        assert!(otherwise < at("run bench-x"));
+        assert!(at("umount /data") < at("echo \"@@RIG DONE\""));
+        assert!(at("echo \"@@RIG DONE\"") < at("poweroff -f"));
+        // Exactly one export of each, both inside the mounted branch.
+        assert_eq!(s.matches("export DORMOUSE_RIG_DATA").count(), 1);
+        assert_eq!(s.matches("export CRITERION_HOME").count(), 1);
+
+        let s = init_script(&jobs, &DataPlan::Missing("DORMOUSE_RIG_DISK_MB=0".into()));
+        assert!(s.contains("echo '@@RIG data disk unavailable: DORMOUSE_RIG_DISK_MB=0'\n"));
+        assert!(!s.contains("insmod"));
+        assert!(!s.contains("export DORMOUSE_RIG_DATA"));
+        assert!(!s.contains("CRITERION_HOME"));
+    }
+
+    /// Both variants of `/init` parse as shell (`sh -n`), and the mounted
+    /// branch's marker is what the parser reads back.
+    #[test]
+    fn script_syntax() {
+        let jobs = [Job {
+            name: "t".into(),
+            path: PathBuf::from("/x"),
+            args: vec!["a b".into()],
+        }];
+        for plan in [
+            DataPlan::Attached(vec![("CRITERION_HOME".into(), "/data/c d".into())]),
+            DataPlan::Missing("it's gone".into()),
+        ] {
+            let script = init_script(&jobs, &plan);
+            let out = Command::new("sh")
+                .args(["-n", "-c", &script])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}\n{script}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn data_markers() {
+        let o = parse(
+            "@@RIG HOST kernel=6.12 cpus=2 kvm=yes\n@@RIG DATA /data 8000 MiB free\n@@RIG DONE\n",
+        );
+        assert_eq!(o.data, DataState::Ready("/data 8000 MiB free".into()));
+        assert_eq!(o.data_unclean, None);
+        let o = parse(
+            "@@RIG HOST kernel=6.12 cpus=2 kvm=yes\n\
+             @@RIG data disk unavailable: mount -t ext4 /dev/vda /data failed \n\
+             @@RIG data disk unclean: umount /data failed (busy)\n@@RIG DONE\n",
+        );
+        assert_eq!(
+            o.data,
+            DataState::Unavailable("mount -t ext4 /dev/vda /data failed".into())
+        );
+        assert_eq!(
+            o.data_unclean.as_deref(),
+            Some("umount /data failed (busy)")
+        );
+        // Neither is a rig problem: the jobs ran.
+        assert!(o.problems().is_empty());
+        assert_eq!(parse("@@RIG DONE\n").data, DataState::Unknown);
     }
 }

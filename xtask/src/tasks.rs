@@ -1,11 +1,13 @@
 //! `cargo xtask test`, `bench` and `demo`: host-native runs with rustup's
 //! cargo, and aarch64 runs inside the emulated arm64 host (see rig.rs).
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use crate::cross::{self, Artifact, Build};
+use crate::disk;
 use crate::libtest::{self, Counts};
 use crate::rig::{self, Job};
 use crate::setup::{self, Rig};
@@ -218,7 +220,12 @@ fn emulated_tests(rig: &Rig, args: &[String]) -> Side {
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "info");
     }
-    match rig::run(rig, &jobs(&artifacts, &libtest_args(args)), "test") {
+    match rig::run(
+        rig,
+        &jobs(&artifacts, &libtest_args(args)),
+        "test",
+        &rig::DataUse::default(),
+    ) {
         Err(e) => side.problem(e.to_string()),
         Ok(outcome) => {
             side.counts = outcome.counts();
@@ -360,7 +367,21 @@ pub fn bench(args: &[String]) -> Result<i32> {
     }
     let mut bench_args = vec!["--bench".to_string()];
     bench_args.extend(args.iter().cloned());
-    let outcome = rig::run(&rig, &jobs(&artifacts, &bench_args), "bench")?;
+    // criterion writes to the data disk, which starts with the last run's
+    // results: its "change" lines compare against them, and results of
+    // benches this run skipped stay for `cargo xtask charts`.
+    let criterion_home = format!("{}/{CRITERION_DIR}", disk::MOUNT_POINT);
+    let last = criterion_rig_dir();
+    let outcome = rig::run(
+        &rig,
+        &jobs(&artifacts, &bench_args),
+        "bench",
+        &rig::DataUse {
+            env: &[("CRITERION_HOME", &criterion_home)],
+            seed: Some((&last, CRITERION_DIR)),
+        },
+    )?;
+    let reports = copy_criterion_reports(&outcome);
     println!();
     util::say("===== bench summary =====");
     let mut failed = false;
@@ -381,7 +402,55 @@ pub fn bench(args: &[String]) -> Result<i32> {
         failed = true;
         util::say(format!("  FAILED: {problem}"));
     }
+    match reports {
+        Ok(report) => util::say(format!("criterion reports: {}", report.display())),
+        Err(why) => util::say(format!("criterion reports: none ({why})")),
+    }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// Where criterion writes inside the data disk (CRITERION_HOME is
+/// `/data/criterion`), and the name of its copy under target/.
+const CRITERION_DIR: &str = "criterion";
+/// The copy of the emulated host's criterion directory on this side.
+pub fn criterion_rig_dir() -> PathBuf {
+    util::target_dir().join("criterion-rig")
+}
+
+/// Copies criterion's output (estimates, HTML reports, SVG plots) out of
+/// the bench run's data disk into target/criterion-rig/, replacing the last
+/// copy. Returns the report index (relative to the workspace when it can),
+/// or why there is none.
+fn copy_criterion_reports(outcome: &rig::Outcome) -> std::result::Result<PathBuf, String> {
+    let Some(data) = &outcome.data_disk else {
+        return Err("the emulated host had no data disk".to_string());
+    };
+    if let rig::DataState::Unavailable(why) = &outcome.data {
+        return Err(format!("the data disk did not mount: {why}"));
+    }
+    let dest = criterion_rig_dir();
+    match disk::copy_out(&data.path, &format!("/{CRITERION_DIR}"), &dest) {
+        Err(e) => Err(e.to_string()),
+        Ok(false) => Err(format!(
+            "no /{CRITERION_DIR} on the data disk {}: did any bench run?",
+            data.path.display()
+        )),
+        Ok(true) => {
+            let index = dest.join("report/index.html");
+            if !index.is_file() {
+                return Err(format!(
+                    "copied {}, but it has no report/index.html: criterion makes HTML \
+                     reports only with its `plotters` feature (Cargo.toml dev-dependencies)",
+                    dest.display()
+                ));
+            }
+            let root = util::workspace_root();
+            Ok(index
+                .strip_prefix(&root)
+                .map(Path::to_path_buf)
+                .unwrap_or(index))
+        }
+    }
 }
 
 /// `cargo xtask demo`: examples/demo.rs inside the emulated host.
@@ -421,7 +490,12 @@ pub fn demo(args: &[String]) -> Result<i32> {
             artifacts.len()
         );
     };
-    let outcome = rig::run(&rig, &jobs(std::slice::from_ref(artifact), args), "demo")?;
+    let outcome = rig::run(
+        &rig,
+        &jobs(std::slice::from_ref(artifact), args),
+        "demo",
+        &rig::DataUse::default(),
+    )?;
     let problems = outcome.problems();
     for problem in &problems {
         util::say(format!("demo: FAILED: {problem}"));
