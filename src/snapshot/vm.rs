@@ -181,12 +181,7 @@ impl MicroVm {
         if !matches!(self.state(), crate::VmState::Paused) {
             return Err(SnapshotError::NotPaused.into());
         }
-        if !self.config.dirty_tracking {
-            return Err(SnapshotError::NoDiffBase("dirty tracking is off").into());
-        }
-        let parent = self.snapshot_id.ok_or(SnapshotError::NoDiffBase(
-            "this VM has no snapshot to be relative to",
-        ))?;
+        let parent = self.diff_parent()?;
         let start = std::time::Instant::now();
         let mut state = self.save_state()?;
         let id = SnapshotId::new().map_err(Error::Host)?;
@@ -259,12 +254,7 @@ impl MicroVm {
         if !matches!(self.state(), crate::VmState::Running) {
             return Err(self.not_runnable());
         }
-        if !self.config.dirty_tracking {
-            return Err(SnapshotError::NoDiffBase("dirty tracking is off").into());
-        }
-        let parent = self.snapshot_id.ok_or(SnapshotError::NoDiffBase(
-            "this VM has no snapshot to be relative to",
-        ))?;
+        let parent = self.diff_parent()?;
         let start = std::time::Instant::now();
         let mut staged = super::Staged::new(dir.as_ref())?;
         let size = self.config.memory_size;
@@ -351,6 +341,16 @@ impl MicroVm {
             paused,
             last_pause,
         })
+    }
+
+    /// The snapshot a diff of this VM is relative to, if it can take one.
+    fn diff_parent(&self) -> Result<SnapshotId, Error> {
+        if !self.config.dirty_tracking {
+            return Err(SnapshotError::NoDiffBase("dirty tracking is off").into());
+        }
+        Ok(self.snapshot_id.ok_or(SnapshotError::NoDiffBase(
+            "this VM has no snapshot to be relative to",
+        ))?)
     }
 
     /// Reads and clears what changed since the last harvest.

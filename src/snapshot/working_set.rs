@@ -588,16 +588,18 @@ pub(crate) fn install_huge(
         // Reads of every chunk start at once (a cold page cache reads them
         // from the disk while the first ones are copied): the copy then
         // finds the pages in the page cache, no major fault per window.
-        for &chunk in &chunks {
-            let Some(offset) = usize::try_from(chunk)
+        let offset_of = |chunk: u64| {
+            usize::try_from(chunk)
                 .ok()
                 .and_then(|c| c.checked_mul(HUGE_PAGE))
                 .filter(|o| o + HUGE_PAGE <= range.len)
-            else {
+        };
+        for &chunk in &chunks {
+            let Some(offset) = offset_of(chunk) else {
                 continue;
             };
-            // SAFETY: a whole chunk inside the guest mapping (checked just
-            // above). Advice only: it changes no byte.
+            // SAFETY: a whole chunk inside the guest mapping (checked by
+            // offset_of). Advice only: it changes no byte.
             unsafe {
                 libc::madvise(
                     (range.addr + offset) as *mut libc::c_void,
@@ -608,17 +610,13 @@ pub(crate) fn install_huge(
         }
         let mut installed = Vec::with_capacity(chunks.len());
         for (i, &chunk) in chunks.iter().enumerate() {
-            let Some(offset) = usize::try_from(chunk)
-                .ok()
-                .and_then(|c| c.checked_mul(HUGE_PAGE))
-                .filter(|o| o + HUGE_PAGE <= range.len)
-            else {
+            let Some(offset) = offset_of(chunk) else {
                 continue;
             };
             let from = range.addr + offset;
             let to = aligned + i * HUGE_PAGE;
             // SAFETY: `from` is a whole chunk inside the guest mapping
-            // (checked just above), `to` a whole chunk inside the staging
+            // (checked by offset_of), `to` a whole chunk inside the staging
             // mapping; they do not overlap. Nothing else reads or writes
             // the guest chunk until the vCPUs and devices start, after the
             // restore returns.
@@ -735,6 +733,8 @@ pub(crate) struct Recorder {
     stop: Arc<AtomicBool>,
     state: Arc<Mutex<RecorderState>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The guest memory it records, advised `MADV_RANDOM` meanwhile.
+    range: HostRange,
 }
 
 struct RecorderState {
@@ -777,6 +777,10 @@ impl Recorder {
             error: None,
         }));
         let pagemap = Arc::new(pagemap);
+        // No fault-around while recording: a fault maps only the page the
+        // guest touched, not 15 neighbours, so the set holds what the guest
+        // used and not what the host mapped around it.
+        let _ = advise(range, 0, (range.len / PAGE) as u64, libc::MADV_RANDOM);
         // The first sample before the vCPUs run: what the restore itself
         // made resident comes first.
         lock(&state).sample(&pagemap, range);
@@ -808,6 +812,7 @@ impl Recorder {
             stop,
             state,
             thread: Some(thread),
+            range,
         })
     }
 
@@ -827,6 +832,8 @@ impl Recorder {
         if let Some(thread) = self.thread.take() {
             thread.thread().unpark();
             let _ = thread.join();
+            let range = self.range;
+            let _ = advise(range, 0, (range.len / PAGE) as u64, libc::MADV_NORMAL);
         }
     }
 }
@@ -948,7 +955,8 @@ fn advise(range: HostRange, first: u64, count: u64, advice: libc::c_int) -> io::
     // SAFETY: [addr, addr + count pages) lies inside the guest memory
     // mapping (checked above), which the caller keeps mapped while this
     // runs. madvise with these advices changes no byte of it: WILLNEED
-    // starts page-cache reads, POPULATE_READ maps pages as a read would.
+    // starts page-cache reads, POPULATE_READ maps pages as a read would,
+    // RANDOM and NORMAL only set how faults read around a page.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, count * page, advice) };
     if rc == 0 {
         Ok(())
