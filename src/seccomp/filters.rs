@@ -95,9 +95,10 @@ const CONSOLE_INPUT: &[&str] = &["read", "readv", "recvfrom", "recvmsg"];
 /// pipe or a socket).
 const CONSOLE_OUTPUT: &[&str] = &["fdatasync", "fsync", "sendmsg", "sendto", "writev"];
 
-/// The guest memory thread: `madvise` (common) to load a working set, and
-/// `pread64` to read `/proc/self/pagemap` when recording one.
-const MEMORY: &[&str] = &["pread64"];
+/// The guest memory threads: `madvise` (common) to load a working set,
+/// `pread64` to read `/proc/self/pagemap` when recording one, `mincore`
+/// and `pread64` to read memory files into huge pages.
+const MEMORY: &[&str] = &["mincore", "pread64"];
 
 /// The system calls a thread kind's default filter allows without looking
 /// at their arguments, sorted.

@@ -90,6 +90,46 @@ impl MemorySource {
         }
     }
 
+    /// Where the bytes of pages `[first, first + count)` of memory region
+    /// `region` lie: `(file, offset in it, pages)` pieces in page order,
+    /// each from the newest layer that holds its pages. `None` for a
+    /// region the snapshot does not have.
+    pub(crate) fn pieces(
+        &self,
+        region: usize,
+        first: u64,
+        count: u64,
+    ) -> Option<Vec<(&File, u64, u64)>> {
+        let offset = self.regions.get(region)?.file_offset;
+        let mut cursors = self.cursors(region);
+        for cursor in &mut cursors {
+            // Straight to the first run that can hold `first`.
+            cursor.next = cursor
+                .runs
+                .partition_point(|&(f, n)| f.saturating_add(n) <= first);
+        }
+        let mut pieces: Vec<(usize, u64, u64)> = Vec::new();
+        for page in first..first.checked_add(count)? {
+            let layer = owner(&mut cursors, page);
+            match pieces.last_mut() {
+                Some((l, _, n)) if *l == layer => *n += 1,
+                _ => pieces.push((layer, page, 1)),
+            }
+        }
+        pieces
+            .into_iter()
+            .map(|(layer, page, n)| {
+                let at = page.checked_mul(PAGE_SIZE)?.checked_add(offset)?;
+                Some((&self.layers.get(layer)?.file, at, n))
+            })
+            .collect()
+    }
+
+    /// Every layer's file, oldest first.
+    pub(crate) fn files(&self) -> impl Iterator<Item = &File> {
+        self.layers.iter().map(|l| &l.file)
+    }
+
     /// For each layer, its runs in `region` (the base: none, it holds all).
     fn cursors(&self, region: usize) -> Vec<Cursor<'_>> {
         self.layers

@@ -1027,7 +1027,13 @@ mod aarch64 {
             let huge = if vm.dirty.is_some() {
                 Ok((0, Vec::new()))
             } else {
-                install_huge(&set, range, vm.config.memory_size)
+                install_huge(
+                    &set,
+                    range,
+                    vm.config.memory_size,
+                    vm.memory_source.as_ref(),
+                    &vm.seccomp,
+                )
             };
             let (covered, chunks) = match huge {
                 Ok(done) => done,
@@ -1152,7 +1158,7 @@ mod aarch64 {
             .iter()
             .map(|v| regs::mpidr(v.fd(), v.index()))
             .collect::<Result<Vec<_>, ArchError>>()?;
-        core.gic.restore(&mpidrs, &state.gic)?;
+        core.gic.restore_fresh(&mpidrs, &state.gic)?;
         // Interrupts the devices raised while they were restored (vsock's
         // transport reset) went in before the vGIC's state and were lost
         // under it: raise them again.

@@ -539,20 +539,226 @@ fn dense_chunks(set: &WorkingSet, memory_size: u64) -> Vec<u64> {
 /// pages' worth of memory bandwidth and makes the chunk the VM's own memory.
 pub const HUGE_MIN_PAGES: u64 = 32;
 
-/// Copies each dense chunk of the working set out of the (file-backed)
-/// guest mapping into a transparent huge page and moves it into place.
-/// Only before the vCPUs and devices run: nothing may write the chunk
-/// between the copy and the move. Returns the working set's pages it
-/// covered, and the chunks it installed, so the prefetcher skips them.
+/// The most threads that fill huge pages at once.
+const MAX_FILL_THREADS: usize = 4;
+
+/// How [`install_huge`] fills a 2 MiB staging chunk with a guest chunk's
+/// bytes.
+enum Fill<'a> {
+    /// Read from the memory files the guest mapping maps (one system call
+    /// per piece, no fault per source page).
+    Files(ChunkReader<'a>),
+    /// Copied through the guest mapping itself.
+    Mapping(HostRange),
+}
+
+impl Fill<'_> {
+    /// Fills `HUGE_PAGE` bytes at `dst` with guest chunk `chunk`.
+    ///
+    /// # Safety
+    /// `dst` must be the start of `HUGE_PAGE` writable bytes that nothing
+    /// else reads or writes meanwhile; `chunk` must lie inside guest RAM.
+    unsafe fn fill(&self, chunk: u64, dst: usize) -> io::Result<()> {
+        match self {
+            // SAFETY: the caller's promise, passed on.
+            Fill::Files(reader) => unsafe { reader.fill(chunk, dst) },
+            Fill::Mapping(range) => {
+                let from = chunk_offset(chunk, range.len)
+                    .ok_or_else(|| io::Error::other("a chunk past guest memory"))?
+                    + range.addr;
+                // SAFETY: `from` is a whole chunk inside the guest mapping
+                // (chunk_offset checked it), which nothing writes until
+                // the vCPUs and devices start; `dst` is the caller's.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(from as *const u8, dst as *mut u8, HUGE_PAGE)
+                };
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where chunk `chunk` starts in a guest mapping of `len` bytes, if all of
+/// it lies inside.
+fn chunk_offset(chunk: u64, len: usize) -> Option<usize> {
+    usize::try_from(chunk)
+        .ok()
+        .and_then(|c| c.checked_mul(HUGE_PAGE))
+        .filter(|o| o.checked_add(HUGE_PAGE).is_some_and(|end| end <= len))
+}
+
+/// Reads guest chunks out of the memory files a restored VM's memory is
+/// mapped from, one `pread` per run of pages. Pages in the page cache
+/// (`mincore` on the guest mapping, which starts no I/O) are copied from
+/// it; the rest go from the disk straight into the huge page
+/// (`O_DIRECT`), which neither fills the page cache nor copies out of it.
+/// Where the file system refuses `O_DIRECT`, through the page cache.
+struct ChunkReader<'a> {
+    source: &'a super::sparse::MemorySource,
+    /// The guest mapping: what `mincore` asks about.
+    range: HostRange,
+    /// Each file of `source` by descriptor, reopened with `O_DIRECT`
+    /// where that works (opened up front: the fill threads' filter has no
+    /// `openat`).
+    direct: Vec<(std::os::fd::RawFd, Option<File>)>,
+}
+
+impl<'a> ChunkReader<'a> {
+    fn new(source: &'a super::sparse::MemorySource, range: HostRange) -> Self {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let direct = source
+            .files()
+            .map(|file| {
+                let fd = file.as_raw_fd();
+                // Through /proc/self/fd, so that the flag does not change
+                // how the mapping's own descriptor reads.
+                let opened = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(format!("/proc/self/fd/{fd}"));
+                if let Err(e) = &opened {
+                    log::debug!("working set: no O_DIRECT reads of a memory file ({e})");
+                }
+                (fd, opened.ok())
+            })
+            .collect();
+        Self {
+            source,
+            range,
+            direct,
+        }
+    }
+
+    /// `file` opened with `O_DIRECT`, if that worked.
+    fn direct(&self, file: &File) -> Option<&File> {
+        use std::os::fd::AsRawFd as _;
+        let fd = file.as_raw_fd();
+        self.direct
+            .iter()
+            .find(|(d, _)| *d == fd)
+            .and_then(|(_, f)| f.as_ref())
+    }
+
+    /// # Safety
+    /// As [`Fill::fill`].
+    unsafe fn fill(&self, chunk: u64, dst: usize) -> io::Result<()> {
+        let per = HUGE_PAGE / PAGE;
+        let start = chunk_offset(chunk, self.range.len)
+            .ok_or_else(|| io::Error::other("a chunk past guest memory"))?;
+        let pieces = self
+            .source
+            .pieces(0, (start / PAGE) as u64, per as u64)
+            .ok_or_else(|| io::Error::other("guest memory does not match its files"))?;
+        let mut cached = vec![0u8; per];
+        // SAFETY: asks about a whole chunk inside the guest mapping
+        // (chunk_offset checked it); writes one byte per page into
+        // `cached`, which has one per page. No memory changes.
+        let asked = unsafe {
+            libc::mincore(
+                (self.range.addr + start) as *mut libc::c_void,
+                HUGE_PAGE,
+                cached.as_mut_ptr(),
+            )
+        };
+        if asked != 0 {
+            // Unknown: through the page cache, which is always right.
+            cached.fill(1);
+        }
+        let mut page = 0;
+        for (file, offset, pages) in pieces {
+            let pages = usize::try_from(pages).map_err(io::Error::other)?;
+            let end = page + pages;
+            let mut at = page;
+            while at < end {
+                let resident = cached[at] & 1 != 0;
+                let n = cached[at..end]
+                    .iter()
+                    .take_while(|c| (*c & 1 != 0) == resident)
+                    .count();
+                let from = offset + ((at - page) * PAGE) as u64;
+                let via = if resident { None } else { self.direct(file) };
+                // SAFETY: pages [at, at + n) of the chunk: the pieces
+                // cover its 512 pages in order, so these bytes lie inside
+                // the caller's HUGE_PAGE bytes at dst.
+                unsafe { read_at(file, via, from, dst + at * PAGE, n * PAGE)? };
+                at += n;
+            }
+            page = end;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `len` bytes of `file` from `offset` into `dst`: through `direct`
+/// (the same file opened `O_DIRECT`) if given, unless it refuses.
+///
+/// # Safety
+/// `[dst, dst + len)` must be writable and nobody else's meanwhile.
+unsafe fn read_at(
+    file: &File,
+    mut direct: Option<&File>,
+    offset: u64,
+    dst: usize,
+    len: usize,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut done = 0;
+    while done < len {
+        let from = direct.unwrap_or(file);
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|at| libc::off_t::try_from(at).ok())
+            .ok_or_else(|| io::Error::other("a memory file offset out of range"))?;
+        // SAFETY: writes at most len - done bytes at dst + done, inside
+        // the caller's buffer.
+        let n = unsafe {
+            libc::pread(
+                from.as_raw_fd(),
+                (dst + done) as *mut libc::c_void,
+                len - done,
+                at,
+            )
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n.unsigned_abs(),
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // A direct read this file system refuses here (or an
+                    // unaligned rest after a short read): through the
+                    // page cache then.
+                    Some(libc::EINVAL) if direct.is_some() => direct = None,
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies each dense chunk of the working set into a transparent huge
+/// page and moves it into place over the guest mapping, on up to
+/// [`MAX_FILL_THREADS`] threads. The bytes come from `source`, the memory
+/// files the guest mapping maps, else through the mapping itself.
+/// Only before the vCPUs and devices run: guest memory must still equal
+/// its files, and nothing may write a chunk between its copy and its move.
+/// Returns the working set's pages it covered, and the chunks it
+/// installed, so the prefetcher skips them.
 pub(crate) fn install_huge(
     set: &WorkingSet,
     range: HostRange,
     memory_size: u64,
+    source: Option<&super::sparse::MemorySource>,
+    filters: &crate::seccomp::ThreadFilters,
 ) -> io::Result<(u64, Vec<u64>)> {
     if !range.addr.is_multiple_of(HUGE_PAGE) {
         return Ok((0, Vec::new()));
     }
-    let chunks = dense_chunks(set, memory_size);
+    let mut chunks = dense_chunks(set, memory_size);
+    chunks.retain(|&c| chunk_offset(c, range.len).is_some());
     if chunks.is_empty() {
         return Ok((0, Vec::new()));
     }
@@ -585,47 +791,36 @@ pub(crate) fn install_huge(
         {
             return Err(io::Error::last_os_error());
         }
-        // Reads of every chunk start at once (a cold page cache reads them
-        // from the disk while the first ones are copied): the copy then
-        // finds the pages in the page cache, no major fault per window.
-        let offset_of = |chunk: u64| {
-            usize::try_from(chunk)
-                .ok()
-                .and_then(|c| c.checked_mul(HUGE_PAGE))
-                .filter(|o| o + HUGE_PAGE <= range.len)
+        let fill = match source {
+            Some(source) => Fill::Files(ChunkReader::new(source, range)),
+            None => {
+                // Reads of every chunk start at once (a cold page cache
+                // reads them from the disk while the first ones are
+                // copied): the copy then finds them in the page cache.
+                for &chunk in &chunks {
+                    if let Some(offset) = chunk_offset(chunk, range.len) {
+                        let first = (offset / PAGE) as u64;
+                        let _ =
+                            advise(range, first, (HUGE_PAGE / PAGE) as u64, libc::MADV_WILLNEED);
+                    }
+                }
+                Fill::Mapping(range)
+            }
         };
-        for &chunk in &chunks {
-            let Some(offset) = offset_of(chunk) else {
-                continue;
-            };
-            // SAFETY: a whole chunk inside the guest mapping (checked by
-            // offset_of). Advice only: it changes no byte.
-            unsafe {
-                libc::madvise(
-                    (range.addr + offset) as *mut libc::c_void,
-                    HUGE_PAGE,
-                    libc::MADV_WILLNEED,
-                )
-            };
-        }
+        fill_chunks(&fill, &chunks, aligned, filters)?;
         let mut installed = Vec::with_capacity(chunks.len());
         for (i, &chunk) in chunks.iter().enumerate() {
-            let Some(offset) = offset_of(chunk) else {
+            let Some(offset) = chunk_offset(chunk, range.len) else {
                 continue;
             };
             let from = range.addr + offset;
             let to = aligned + i * HUGE_PAGE;
-            // SAFETY: `from` is a whole chunk inside the guest mapping
-            // (checked by offset_of), `to` a whole chunk inside the staging
-            // mapping; they do not overlap. Nothing else reads or writes
-            // the guest chunk until the vCPUs and devices start, after the
-            // restore returns.
-            unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, HUGE_PAGE) };
-            // SAFETY: moves the staging chunk (one anonymous VMA piece)
-            // over the guest chunk, which MREMAP_FIXED first unmaps: the
-            // guest mapping stays mapped over the same addresses, with the
-            // same bytes, now in anonymous memory; the memslot's MMU
-            // notifier drops KVM's stage-2 entries of the old pages.
+            // SAFETY: moves the staging chunk (one anonymous VMA piece,
+            // filled above) over the guest chunk, which MREMAP_FIXED first
+            // unmaps: the guest mapping stays mapped over the same
+            // addresses, with the same bytes, now in anonymous memory; the
+            // memslot's MMU notifier drops KVM's stage-2 entries of the old
+            // pages.
             let moved = unsafe {
                 libc::mremap(
                     to as *mut libc::c_void,
@@ -653,6 +848,62 @@ pub(crate) fn install_huge(
             .map(|r| r.1)
             .sum::<u64>();
     Ok((covered, installed))
+}
+
+/// Fills staging chunk `i` (at `staging + i * HUGE_PAGE`) with guest chunk
+/// `chunks[i]`, on this thread and up to `MAX_FILL_THREADS - 1` more, each
+/// under the memory threads' seccomp filter. The first error stops them.
+fn fill_chunks(
+    fill: &Fill<'_>,
+    chunks: &[u64],
+    staging: usize,
+    filters: &crate::seccomp::ThreadFilters,
+) -> io::Result<()> {
+    use std::sync::atomic::AtomicUsize;
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+    let work = || {
+        while lock(&failed).is_none() {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&chunk) = chunks.get(i) else {
+                return;
+            };
+            // SAFETY: staging chunk i is inside the staging mapping (it
+            // holds chunks.len() chunks) and only this worker took i.
+            if let Err(e) = unsafe { fill.fill(chunk, staging + i * HUGE_PAGE) } {
+                lock(&failed).get_or_insert(e);
+            }
+        }
+    };
+    // A few chunks are not worth a thread.
+    let helpers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_FILL_THREADS)
+        .min(chunks.len() / 4)
+        .saturating_sub(1);
+    std::thread::scope(|scope| {
+        for _ in 0..helpers {
+            let spawned = std::thread::Builder::new()
+                .name("dormouse-fill".into())
+                .spawn_scoped(scope, || {
+                    match filters.enter(crate::seccomp::ThreadKind::Memory, None) {
+                        Ok(_guard) => work(),
+                        Err(e) => {
+                            log::debug!("working set: a fill thread could not start ({e})");
+                        }
+                    }
+                });
+            if spawned.is_err() {
+                break; // the others (and this thread) do its share
+            }
+        }
+        work();
+    });
+    match failed.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(io::Error::other("a huge-page fill thread panicked")),
+    }
 }
 
 /// The parts of `runs` outside the (sorted) 2 MiB `chunks`, in order.
@@ -1104,6 +1355,190 @@ mod tests {
         assert_eq!(runs_of(&resident, &mut seen), vec![]);
         // SAFETY: the mapping made above, not used after this.
         unsafe { libc::munmap(addr, len) };
+    }
+
+    /// A guest memory of four 2 MiB chunks mapped as a restore maps a
+    /// chain (the base file, a diff's runs over it) in `dir`, a working
+    /// set dense in chunks 0, 1 and 3; `install_huge` must leave every
+    /// byte as it was, with the dense chunks in anonymous memory.
+    fn install_keeps_every_byte(dir: &Path, with_source: bool) {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::FileExt as _;
+        let pages = 4 * HUGE_PAGE / PAGE;
+        let len = pages * PAGE;
+        let offset = 2 * PAGE as u64; // where guest RAM starts in the files
+        let diff_runs = vec![(600u64, 10u64), (1030, 3)];
+        let name = |what: &str| dir.join(format!("dormouse-install-{what}-{}", std::process::id()));
+        let open = |path: &Path| {
+            let _ = std::fs::remove_file(path);
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .unwrap()
+        };
+        let (base_path, diff_path) = (name("base"), name("diff"));
+        let (base, diff) = (open(&base_path), open(&diff_path));
+        let page_of = |layer: u8, page: usize| {
+            let mut bytes = vec![layer; PAGE];
+            bytes[..8].copy_from_slice(&(page as u64).to_le_bytes());
+            bytes
+        };
+        for page in 0..pages {
+            base.write_all_at(&page_of(1, page), offset + (page * PAGE) as u64)
+                .unwrap();
+        }
+        diff.set_len(offset + len as u64).unwrap();
+        for &(first, n) in &diff_runs {
+            for page in first..first + n {
+                let page = usize::try_from(page).unwrap();
+                diff.write_all_at(&page_of(2, page), offset + (page * PAGE) as u64)
+                    .unwrap();
+            }
+        }
+        // Out of the page cache where the file system keeps it elsewhere:
+        // chunks then come straight from the disk.
+        base.sync_all().unwrap();
+        // SAFETY: advice on a file this test owns; no memory involved.
+        unsafe { libc::posix_fadvise(base.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // SAFETY: statfs into a zeroed struct of the right type.
+        let on_disk = unsafe {
+            let mut fs: libc::statfs = std::mem::zeroed();
+            let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+            libc::statfs(path.as_ptr(), &mut fs) == 0 && fs.f_type != libc::TMPFS_MAGIC
+        };
+        // SAFETY: a new PROT_NONE mapping at an address the kernel
+        // picks, unmapped at the end; the file mappings replace parts of
+        // it, so no other thread's mapping can land in between.
+        let reserved = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + HUGE_PAGE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(reserved, libc::MAP_FAILED);
+        let addr = (reserved as usize).next_multiple_of(HUGE_PAGE);
+        let map = |file: &File, first: usize, n: usize| {
+            // SAFETY: maps over [addr + first pages, + n pages), inside
+            // the reservation above, which only this test uses.
+            let got = unsafe {
+                libc::mmap(
+                    (addr + first * PAGE) as *mut libc::c_void,
+                    n * PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    file.as_raw_fd(),
+                    libc::off_t::try_from(offset + (first * PAGE) as u64).unwrap(),
+                )
+            };
+            assert_eq!(got as usize, addr + first * PAGE);
+        };
+        map(&base, 0, pages);
+        for &(first, n) in &diff_runs {
+            map(
+                &diff,
+                usize::try_from(first).unwrap(),
+                usize::try_from(n).unwrap(),
+            );
+        }
+        let range = HostRange { addr, len };
+        let source = super::super::sparse::MemorySource::of_chain(
+            [
+                (base.try_clone().unwrap(), None),
+                (diff.try_clone().unwrap(), Some(vec![diff_runs.clone()])),
+            ],
+            vec![super::super::MemoryRegionState {
+                guest_addr: 0,
+                size: len as u64,
+                file_offset: offset,
+            }],
+        );
+        let set = WorkingSet::new(
+            id(1),
+            len as u64,
+            vec![(1536, 64), (0, 40), (590, 40), (1030, 10)],
+        )
+        .unwrap();
+        let filters = crate::seccomp::ThreadFilters::disabled();
+        let (covered, chunks) = install_huge(
+            &set,
+            range,
+            len as u64,
+            with_source.then_some(&source),
+            &filters,
+        )
+        .unwrap();
+        assert_eq!(chunks, vec![0, 1, 3]);
+        assert_eq!(covered, 64 + 40 + 40);
+        if on_disk && with_source {
+            // Read with O_DIRECT: chunk 3 did not go through the cache.
+            let mut byte = [0u8; 1];
+            let iov = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            let at = offset + (1600 * PAGE) as u64;
+            // SAFETY: reads one byte into `byte`.
+            let n = unsafe {
+                libc::preadv2(
+                    base.as_raw_fd(),
+                    &iov,
+                    1,
+                    at.cast_signed(),
+                    libc::RWF_NOWAIT,
+                )
+            };
+            assert_eq!(n, -1, "chunk 3 went through the page cache");
+        }
+        for page in 0..pages {
+            let layer = if diff_runs
+                .iter()
+                .any(|&(f, n)| (f..f + n).contains(&(page as u64)))
+            {
+                2
+            } else {
+                1
+            };
+            // SAFETY: a page of the mapping made above, still mapped.
+            let got =
+                unsafe { std::slice::from_raw_parts((addr + page * PAGE) as *const u8, PAGE) };
+            assert!(
+                got == page_of(layer, page).as_slice(),
+                "page {page} changed"
+            );
+        }
+        // Installed chunks are anonymous memory now, the rest still file.
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let flags = |page: usize| {
+            let mut entry = [0u8; 8];
+            pagemap
+                .read_exact_at(&mut entry, ((addr / PAGE + page) * 8) as u64)
+                .unwrap();
+            u64::from_le_bytes(entry)
+        };
+        assert_eq!(flags(5) & (1 << 61), 0, "chunk 0 still maps the file");
+        assert_ne!(flags(1030) & (1 << 61), 0, "chunk 2 was moved");
+        // SAFETY: the mappings made above, not used after this.
+        unsafe { libc::munmap(reserved, len + HUGE_PAGE) };
+        let _ = std::fs::remove_file(base_path);
+        let _ = std::fs::remove_file(diff_path);
+    }
+
+    #[test]
+    fn install_huge_reads_the_newest_layer_of_each_page() {
+        // A disk file system (O_DIRECT reads), tmpfs (page cache only),
+        // and the copy through the mapping.
+        install_keeps_every_byte(&std::env::temp_dir(), true);
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            install_keeps_every_byte(shm, true);
+        }
+        install_keeps_every_byte(&std::env::temp_dir(), false);
     }
 
     #[test]

@@ -20,7 +20,7 @@ const fn per_spi(offset: u64, bits: u64) -> Reg {
 /// The read/write distributor state, in restore order: controls first,
 /// then routing and configuration, then pending/active (clear, then set, as
 /// KVM's uaccess writes set state exactly), priorities last.
-const REGS: &[(&str, Reg)] = &[
+pub(super) const REGS: &[(&str, Reg)] = &[
     ("GICD_CTLR", Reg::new(0x0000, 4)),
     ("GICD_STATUSR", Reg::new(0x0010, 4)),
     ("GICD_ICENABLER", per_spi(0x0180, 1)),
@@ -42,8 +42,17 @@ pub(super) fn save(fd: &DeviceFd) -> Result<Vec<RegWords<u32>>, ArchError> {
         .collect()
 }
 
-/// Writes them back.
-pub(super) fn restore(fd: &DeviceFd, saved: &[RegWords<u32>]) -> Result<(), ArchError> {
+/// Registers a new vGIC holds as zero (KVM's vgic init: SPI routing
+/// `mpidr = 0`, priority 0).
+pub(super) const ZERO_WHEN_NEW: &[&str] = &["GICD_IROUTER", "GICD_IPRIORITYR"];
+
+/// Writes them back; onto a `fresh` vGIC, not the zero words of
+/// [`ZERO_WHEN_NEW`] registers, which it holds already.
+pub(super) fn restore(
+    fd: &DeviceFd,
+    saved: &[RegWords<u32>],
+    fresh: bool,
+) -> Result<(), ArchError> {
     if saved.len() != REGS.len() {
         return Err(ArchError::GicState(format!(
             "{} distributor registers saved, expected {}",
@@ -52,7 +61,16 @@ pub(super) fn restore(fd: &DeviceFd, saved: &[RegWords<u32>]) -> Result<(), Arch
         )));
     }
     for ((name, reg), words) in REGS.iter().zip(saved) {
-        regs::set(fd, KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0, *reg, words, name)?;
+        let skip_zeros = fresh && ZERO_WHEN_NEW.contains(name);
+        regs::set(
+            fd,
+            KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
+            0,
+            *reg,
+            words,
+            name,
+            skip_zeros,
+        )?;
     }
     Ok(())
 }

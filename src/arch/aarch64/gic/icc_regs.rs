@@ -98,7 +98,7 @@ pub(super) fn restore(fd: &DeviceFd, mpidr: u64, saved: &IccState) -> Result<(),
         )));
     }
     for ((name, reg), words) in MAIN.iter().zip(&saved.main) {
-        regs::set(fd, group, vcpu, *reg, words, name)?;
+        regs::set(fd, group, vcpu, *reg, words, name, false)?;
     }
     let count = ap_count(fd, vcpu)?;
     if saved.active_priorities.len() as u64 != 2 * count {
@@ -110,7 +110,7 @@ pub(super) fn restore(fd: &DeviceFd, mpidr: u64, saved: &IccState) -> Result<(),
         )));
     }
     for (reg, words) in ap_regs(count).zip(&saved.active_priorities) {
-        regs::set(fd, group, vcpu, reg, words, "ICC_APxRn_EL1")?;
+        regs::set(fd, group, vcpu, reg, words, "ICC_APxRn_EL1", false)?;
     }
     Ok(())
 }

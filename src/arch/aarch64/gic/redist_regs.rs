@@ -10,7 +10,7 @@ use crate::arch::aarch64::ArchError;
 const SGI: u64 = 0x1_0000;
 
 /// RD_base controls, then the SGI/PPI state in restore order.
-const REGS: &[(&str, Reg)] = &[
+pub(super) const REGS: &[(&str, Reg)] = &[
     ("GICR_CTLR", Reg::new(0x0000, 4)),
     ("GICR_STATUSR", Reg::new(0x0010, 4)),
     ("GICR_WAKER", Reg::new(0x0014, 4)),
@@ -35,8 +35,17 @@ pub(super) fn save(fd: &DeviceFd, mpidr: u64) -> Result<Vec<RegWords<u32>>, Arch
         .collect()
 }
 
-/// Writes it back.
-pub(super) fn restore(fd: &DeviceFd, mpidr: u64, saved: &[RegWords<u32>]) -> Result<(), ArchError> {
+/// Registers a new vCPU's redistributor holds as zero (priority 0).
+pub(super) const ZERO_WHEN_NEW: &[&str] = &["GICR_IPRIORITYR"];
+
+/// Writes it back; onto a `fresh` vGIC, not the zero words of
+/// [`ZERO_WHEN_NEW`] registers, which it holds already.
+pub(super) fn restore(
+    fd: &DeviceFd,
+    mpidr: u64,
+    saved: &[RegWords<u32>],
+    fresh: bool,
+) -> Result<(), ArchError> {
     if saved.len() != REGS.len() {
         return Err(ArchError::GicState(format!(
             "{} redistributor registers saved, expected {}",
@@ -53,6 +62,7 @@ pub(super) fn restore(fd: &DeviceFd, mpidr: u64, saved: &[RegWords<u32>]) -> Res
             *reg,
             words,
             name,
+            fresh && ZERO_WHEN_NEW.contains(name),
         )?;
     }
     Ok(())

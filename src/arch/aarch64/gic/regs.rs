@@ -81,14 +81,16 @@ pub(super) fn get<T: Word>(
 }
 
 /// Writes `reg` word by word from `saved`, which must have the register's
-/// length.
-pub(super) fn set<T: Word>(
+/// length; with `skip_zeros`, not the words that are zero (for a register
+/// the vGIC holds as zero already).
+pub(super) fn set<T: Word + PartialEq>(
     fd: &DeviceFd,
     group: u32,
     vcpu: u64,
     reg: Reg,
     saved: &RegWords<T>,
     what: &'static str,
+    skip_zeros: bool,
 ) -> Result<(), ArchError> {
     let expected = usize::try_from(reg.len / T::BYTES).unwrap_or(usize::MAX);
     if saved.words.len() != expected {
@@ -98,6 +100,9 @@ pub(super) fn set<T: Word>(
         )));
     }
     for (i, word) in saved.words.iter().enumerate() {
+        if skip_zeros && *word == T::default() {
+            continue;
+        }
         let mut value = *word;
         let offset = reg.offset + i as u64 * T::BYTES;
         fd.set_device_attr(&attr(group, vcpu | offset, &mut value))
