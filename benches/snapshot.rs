@@ -30,9 +30,12 @@
 #![allow(missing_docs)]
 
 #[cfg(target_arch = "aarch64")]
-#[path = "../tests/common/payloads.rs"]
-#[allow(dead_code)] // the tests use the other payloads
-mod payloads;
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+#[cfg(target_arch = "aarch64")]
+use common::payloads;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64 {
@@ -229,6 +232,8 @@ mod aarch64 {
     }
 
     pub fn benches(c: &mut Criterion) {
+        // RUST_LOG=debug: each restore's phases (dormouse::snapshot).
+        super::common::init_logging();
         let sizes = sizes();
         // A clean start: an earlier run may have stopped half way.
         for &mib in &sizes {

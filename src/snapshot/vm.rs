@@ -1151,7 +1151,7 @@ mod aarch64 {
         phases.mark("devices");
 
         for (vcpu, saved) in core.vcpus.iter().zip(&state.vcpus) {
-            regs::restore_vcpu(vcpu.fd(), vcpu.index(), saved)?;
+            regs::restore_fresh_vcpu(vcpu.fd(), vcpu.index(), saved)?;
         }
         let mpidrs = core
             .vcpus

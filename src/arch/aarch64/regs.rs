@@ -147,10 +147,56 @@ pub fn save_vcpu(vcpu: &VcpuFd, index: u32) -> Result<VcpuState, ArchError> {
     })
 }
 
+/// What a vCPU of each index holds right after [`init_vcpu`], learnt by
+/// this process from fresh vCPUs it restored onto: a register whose saved
+/// value equals it needs no write. Registers whose fresh value changed
+/// between two samples (counters, timers) are never skipped.
+#[derive(Default)]
+struct FreshValues {
+    /// Restores of this vCPU index seen so far (counts up to LEARN_FROM + 2).
+    restores: u32,
+    /// Per register id: its fresh value, `None` if two samples differed.
+    values: std::collections::HashMap<u64, Option<Vec<u8>>>,
+}
+
+/// The first restore of each vCPU index in a process learns nothing (a
+/// process that restores once pays nothing); the next two each read the
+/// fresh vCPU's registers before writing them; from then on registers
+/// equal to their fresh value are not written. A long-lived process (a
+/// sessions server, a bench) restores many times.
+const LEARN_FROM: u32 = 1;
+
+fn fresh_values() -> &'static std::sync::Mutex<std::collections::HashMap<u32, FreshValues>> {
+    static FRESH: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<u32, FreshValues>>,
+    > = std::sync::OnceLock::new();
+    FRESH.get_or_init(Default::default)
+}
+
 /// Restores a saved vCPU onto `vcpu`, which must have been initialised
 /// with [`init_vcpu`]. A register whose saved size does not match its id is
 /// refused (the state file is untrusted input).
 pub fn restore_vcpu(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), ArchError> {
+    restore_registers(vcpu, index, state, false)
+}
+
+/// [`restore_vcpu`] onto a vCPU just initialised that has never run:
+/// registers that hold their saved value already, as every fresh vCPU of
+/// this index did (see [`FreshValues`]), are not written.
+pub(crate) fn restore_fresh_vcpu(
+    vcpu: &VcpuFd,
+    index: u32,
+    state: &VcpuState,
+) -> Result<(), ArchError> {
+    restore_registers(vcpu, index, state, true)
+}
+
+fn restore_registers(
+    vcpu: &VcpuFd,
+    index: u32,
+    state: &VcpuState,
+    fresh: bool,
+) -> Result<(), ArchError> {
     for reg in &state.regs {
         if reg.value.len() != reg_size(reg.id) || reg.value.len() > MAX_REG_BYTES {
             return Err(ArchError::GicState(format!(
@@ -160,6 +206,18 @@ pub fn restore_vcpu(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), 
                 reg_size(reg.id)
             )));
         }
+    }
+    let skips = if fresh {
+        learn_fresh_values(vcpu, index, state)
+    } else {
+        vec![false; state.regs.len()]
+    };
+    let mut skipped = 0usize;
+    for (reg, skip) in state.regs.iter().zip(skips) {
+        if skip {
+            skipped += 1;
+            continue;
+        }
         vcpu.set_one_reg(reg.id, &reg.value)
             .map_err(|source| ArchError::RestoreRegister {
                 index,
@@ -167,6 +225,10 @@ pub fn restore_vcpu(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), 
                 source,
             })?;
     }
+    log::trace!(
+        "vCPU {index}: {} registers restored, {skipped} already held their value",
+        state.regs.len() - skipped
+    );
     vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
         mp_state: state.mp_state,
     })
@@ -177,9 +239,93 @@ pub fn restore_vcpu(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), 
     })
 }
 
+/// For each of `state`'s registers, whether the fresh `vcpu` holds its
+/// saved value already (known from earlier restores); samples this fresh
+/// vCPU while [`FreshValues`] is learning.
+fn learn_fresh_values(vcpu: &VcpuFd, index: u32, state: &VcpuState) -> Vec<bool> {
+    let mut all = fresh_values()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fresh = all.entry(index).or_default();
+    fresh.restores = fresh.restores.saturating_add(1);
+    let learning = fresh.restores > LEARN_FROM && fresh.restores <= LEARN_FROM + 2;
+    let first_sample = fresh.restores == LEARN_FROM + 1;
+    let known = fresh.restores > LEARN_FROM + 2;
+    if learning {
+        let mut seen = std::collections::HashSet::with_capacity(state.regs.len());
+        for reg in &state.regs {
+            let mut value = vec![0u8; reg.value.len()];
+            let read = vcpu.get_one_reg(reg.id, &mut value).ok().map(|_| value);
+            seen.insert(reg.id);
+            match fresh.values.get_mut(&reg.id) {
+                Some(known) if known.as_ref() != read.as_ref() => *known = None,
+                Some(_) => {}
+                None => {
+                    // Missing from the first sample: never skipped.
+                    let value = if first_sample { read } else { None };
+                    fresh.values.insert(reg.id, value);
+                }
+            }
+        }
+        // Missing from this sample: never skipped either.
+        for (id, value) in &mut fresh.values {
+            if !seen.contains(id) {
+                *value = None;
+            }
+        }
+    }
+    state
+        .regs
+        .iter()
+        .map(|reg| {
+            known
+                && fresh
+                    .values
+                    .get(&reg.id)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|v| *v == reg.value)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_restore_that_skips_registers_still_restores_every_one() {
+        let fresh_vcpu = || {
+            let kvm = kvm_ioctls::Kvm::new().unwrap();
+            let vm = crate::vm::create_vm(&kvm).unwrap();
+            let vcpu = vm.create_vcpu(0).unwrap();
+            init_vcpu(&vm, &vcpu, 0).unwrap();
+            (vm, vcpu)
+        };
+        let (_vm, vcpu) = fresh_vcpu();
+        set_boot_registers(&vcpu, 0, 0x8008_0000, 0x1234_5678).unwrap();
+        let saved = save_vcpu(&vcpu, 0).unwrap();
+        // The virtual and physical counters move on by themselves.
+        let counters = [sys_reg_id(3, 3, 14, 3, 2), sys_reg_id(3, 3, 14, 0, 1)];
+        // Enough restores for the fresh values to be learnt and used.
+        for round in 0..LEARN_FROM + 4 {
+            let (_vm, vcpu) = fresh_vcpu();
+            restore_fresh_vcpu(&vcpu, 0, &saved).unwrap();
+            let back = save_vcpu(&vcpu, 0).unwrap();
+            assert_eq!(back.regs.len(), saved.regs.len());
+            for (b, s) in back.regs.iter().zip(&saved.regs) {
+                assert_eq!(b.id, s.id);
+                if !counters.contains(&b.id) {
+                    assert_eq!(b.value, s.value, "round {round}: register {:#x}", b.id);
+                }
+            }
+        }
+        let all = fresh_values().lock().unwrap();
+        let learnt = all[&0].values.values().filter(|v| v.is_some()).count();
+        assert!(
+            learnt > saved.regs.len() / 4,
+            "only {learnt} fresh values learnt"
+        );
+    }
 
     #[test]
     fn register_sizes_come_from_the_id() {
