@@ -882,8 +882,18 @@ mod aarch64 {
         GuestMemoryMmap::from_regions(mapped).map_err(|e| bad(format!("memory regions: {e}")))
     }
 
-    /// Maps a diff layer's page runs over `memory` (MAP_FIXED, private):
-    /// afterwards those guest pages read from the layer's file.
+    /// Runs shorter than this many pages are read into place rather than
+    /// mapped: each mapping is a VMA of the process, a diff of a guest that
+    /// wrote here and there holds hundreds of short runs, and a process
+    /// holding many restored VMs would reach `vm.max_map_count` (65530 by
+    /// default). Reading 60 KiB costs about what mapping it and faulting
+    /// its pages in does.
+    const COPY_RUN_PAGES: u64 = 16;
+
+    /// Puts a diff layer's page runs over `memory`: long runs are mapped
+    /// (MAP_FIXED, private) and read from the layer's file on first touch,
+    /// short ones are read into place now. Afterwards those guest pages
+    /// hold the layer's bytes.
     fn overlay(memory: &GuestMemoryMmap, layer: &super::super::Layer) -> Result<(), Error> {
         use std::os::fd::AsRawFd;
 
@@ -906,6 +916,23 @@ mod aarch64 {
                 let addr = region
                     .as_ptr()
                     .wrapping_add(usize::try_from(offset).map_err(|_| bad("offset".into()))?);
+                if count < COPY_RUN_PAGES {
+                    use std::os::unix::fs::FileExt;
+                    // SAFETY: [addr, addr + len) lies inside the mapping
+                    // this GuestMemoryMmap owns (checked above against
+                    // region.len()), which is readable and writable, and no
+                    // vCPU, device or other slice uses it yet: this is the
+                    // only reference while it lives.
+                    let pages = unsafe { std::slice::from_raw_parts_mut(addr, len) };
+                    let at = u64::try_from(file_offset).map_err(|_| bad("offset".into()))?;
+                    layer.memory.read_exact_at(pages, at).map_err(|e| {
+                        bad(format!(
+                            "reading {} into guest memory: {e}",
+                            layer.dir.display()
+                        ))
+                    })?;
+                    continue;
+                }
                 // SAFETY: [addr, addr + len) lies inside the mapping this
                 // GuestMemoryMmap owns (checked above against region.len()),
                 // which no vCPU or device uses yet and no slice borrows;
