@@ -29,6 +29,13 @@
 //! - `random N` -> `random=<hex>`: N bytes of getrandom(2) (N <= 4096);
 //! - `touch MIB` -> `touched=<MIB>`: (re)sizes one buffer to MIB MiB and
 //!   writes every page of it (the same pages each time: MIB MiB dirtied);
+//! - `mem SEED` -> `mem=<hex>`: applies soak step SEED to a 4 MiB buffer
+//!   (`examples/common/workload.rs`) and answers the checksum of the whole
+//!   buffer; `memsum` answers that checksum without writing;
+//! - `append NAME SEED` -> `ok len=<n>`: appends soak block SEED to NAME and
+//!   fsyncs it;
+//! - `sum NAME` -> `sum=<hex> len=<n>` (or `missing`): drops NAME's cached
+//!   pages, then reads it back from the disk and checksums it;
 //! - anything else -> `error unknown request`.
 //!
 //! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched;
@@ -40,6 +47,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::thread;
+
+#[path = "common/workload.rs"]
+mod workload;
 
 /// A connected or listening vsock stream socket.
 fn vsock_socket() -> io::Result<OwnedFd> {
@@ -135,6 +145,7 @@ struct Service {
     dir: std::path::PathBuf,
     hits: std::sync::atomic::AtomicU64,
     scratch: std::sync::Mutex<Vec<u8>>,
+    soak: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Service {
@@ -193,6 +204,53 @@ impl Service {
                 }
                 _ => "error bad size".into(),
             },
+            (Some("mem"), Some(seed), None) => match (seed.parse::<u64>(), self.soak.lock()) {
+                (Ok(seed), Ok(mut buf)) => {
+                    workload::mem_step(&mut buf, seed);
+                    format!("mem={:016x}", workload::checksum(&buf))
+                }
+                _ => "error bad seed".into(),
+            },
+            (Some("memsum"), None, None) => match self.soak.lock() {
+                Ok(mut buf) => {
+                    buf.resize(workload::MEM_PAGES * 4096, 0);
+                    format!("mem={:016x}", workload::checksum(&buf))
+                }
+                Err(_) => "error poisoned".into(),
+            },
+            (Some("append"), Some(name), Some(seed)) if name_ok(name) => {
+                let Ok(seed) = seed.parse::<u64>() else {
+                    return "error bad seed".into();
+                };
+                let result = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(self.dir.join(name))
+                    .and_then(|mut f| {
+                        f.write_all(&workload::file_block(seed))?;
+                        f.sync_all()?;
+                        f.metadata()
+                    });
+                match result {
+                    Ok(meta) => format!("ok len={}", meta.len()),
+                    Err(e) => format!("error {e}"),
+                }
+            }
+            (Some("sum"), Some(name), None) if name_ok(name) => {
+                use std::os::fd::AsRawFd;
+                let Ok(mut file) = std::fs::File::open(self.dir.join(name)) else {
+                    return "missing".into();
+                };
+                // Clean cached pages go, so the read below comes from the
+                // disk (its data was fsynced by `append`).
+                // SAFETY: posix_fadvise takes no pointers; `file` is open.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                let mut bytes = Vec::new();
+                match file.read_to_end(&mut bytes) {
+                    Ok(n) => format!("sum={:016x} len={n}", workload::checksum(&bytes)),
+                    Err(e) => format!("error {e}"),
+                }
+            }
             _ => "error unknown request".into(),
         }
     }
@@ -206,6 +264,7 @@ fn serve(port: u32, dir: &str, ready_port: Option<u32>) -> io::Result<()> {
         dir: dir.into(),
         hits: Default::default(),
         scratch: Default::default(),
+        soak: Default::default(),
     });
     println!("@@serving={port} pid={}", std::process::id());
     if let Some(ready) = ready_port {

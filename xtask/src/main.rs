@@ -41,6 +41,13 @@ commands:
   demo [-- <args>]          examples/demo.rs inside the emulated arm64 host
   lint                      cargo fmt --check, clippy (host and aarch64), payloads --check
   payloads [--check]        regenerate tests/common/payloads.rs from tests/payloads/*.S
+  soak [--short] [SCENARIO...]
+                            the soak suite inside the emulated arm64 host
+                            (examples/soak.rs): suspend/resume cycles of a VM and a
+                            session checked by the guest's own checksums, with no fd,
+                            thread, mapping or memory leak; a density wave of
+                            sessions; the long form (no --short: 200 cycles, 32
+                            sessions, 8 GiB host) also runs the fault tests
   fuzz [--seconds N] [TARGET...]
                             build the cargo-fuzz targets in fuzz/ (nightly; installs
                             cargo-fuzz if missing) and run each (default: all) for N
@@ -128,6 +135,13 @@ fn dispatch(args: &[String]) -> Result<i32> {
             no_args("payloads", &args)?;
             payloads::payloads(!options.is_empty())?;
             Ok(0)
+        }
+        "soak" => {
+            let (options, args) = split_args(rest, &["--short"]);
+            tasks::soak(&tasks::SoakOptions {
+                short: !options.is_empty(),
+                args,
+            })
         }
         "fuzz" => fuzz::fuzz(&fuzz::parse_args(rest)?),
         "help" | "--help" | "-h" => {

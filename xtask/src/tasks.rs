@@ -496,25 +496,99 @@ pub fn demo(args: &[String]) -> Result<i32> {
         "demo",
         &rig::DataUse::default(),
     )?;
+    Ok(finish("demo", &outcome))
+}
+
+/// Says how a rig run of programs (not only libtest binaries) went and
+/// returns the exit code: 0 only if every job ended with rc=0 and ran no
+/// failed test, and the rig saw no problem.
+fn finish(label: &str, outcome: &rig::Outcome) -> i32 {
     let problems = outcome.problems();
     for problem in &problems {
-        util::say(format!("demo: FAILED: {problem}"));
+        util::say(format!("{label}: FAILED: {problem}"));
     }
-    let rc = outcome.binaries.first().and_then(|b| b.rc);
-    match rc {
-        Some(0) if problems.is_empty() => {
-            util::say("demo: finished with rc=0");
-            Ok(0)
+    let mut failed = !problems.is_empty() || outcome.binaries.is_empty();
+    for binary in &outcome.binaries {
+        util::say(format!("{label}: {}", binary.describe()));
+        failed |= binary.effective().failed > 0;
+    }
+    if failed {
+        util::say(format!("{label}: FAILED"));
+        1
+    } else {
+        util::say(format!("{label}: finished with rc=0"));
+        0
+    }
+}
+
+/// Options of `cargo xtask soak`.
+pub struct SoakOptions {
+    /// CI's form: fewer cycles and sessions, no fault binaries.
+    pub short: bool,
+    /// Scenario names passed to examples/soak.rs.
+    pub args: Vec<String>,
+}
+
+/// The fault-injection test binaries the long soak runs beside the soak
+/// scenarios (they also run in `cargo xtask test`).
+const SOAK_FAULT_TESTS: &[&str] = &["test-faults", "test-snapshot_enospc"];
+
+/// `cargo xtask soak`: examples/soak.rs (cycles, density) inside the
+/// emulated host; the long form also runs the fault-injection tests.
+pub fn soak(options: &SoakOptions) -> Result<i32> {
+    const EXAMPLE: &str = "soak";
+    let rig = setup::setup()?;
+    let mut args = options.args.clone();
+    if options.short {
+        args.insert(0, "--short".to_string());
+    }
+    if native_kvm_host() {
+        let mut cmd = cross::host_cargo();
+        cmd.args([
+            "run",
+            "--package",
+            cross::PACKAGE,
+            "--example",
+            EXAMPLE,
+            "--",
+        ])
+        .args(&args);
+        for (name, value) in rig.native_guest_env() {
+            cmd.env(name, value);
         }
-        Some(rc) => {
-            util::say(format!("demo: finished with rc={rc}"));
-            Ok(if (1..=255).contains(&rc) { rc } else { 1 })
-        }
-        None => {
-            util::say("demo: did not finish");
-            Ok(1)
+        return run_native(cmd);
+    }
+    // The long form holds 32 sessions and runs for an hour or more.
+    if !options.short {
+        for (name, value) in [
+            ("DORMOUSE_RIG_MEM_MB", "8192"),
+            ("DORMOUSE_RIG_TIMEOUT_SECS", "10800"),
+        ] {
+            if std::env::var_os(name).is_none() {
+                std::env::set_var(name, value);
+            }
         }
     }
+    cross::check_debian_toolchain()?;
+    build_guest_tools(&rig)?;
+    let soak = cross::build(Build::Example(EXAMPLE))?;
+    let mut jobs = jobs(&soak, &args);
+    if !options.short {
+        let tests = cross::build(Build::Tests)?;
+        let faults: Vec<Artifact> = tests
+            .into_iter()
+            .filter(|a| SOAK_FAULT_TESTS.contains(&a.name.as_str()))
+            .collect();
+        if faults.len() != SOAK_FAULT_TESTS.len() {
+            bail!(
+                "the cross build lacks some of the fault tests {SOAK_FAULT_TESTS:?} (found {:?})",
+                faults.iter().map(|a| &a.name).collect::<Vec<_>>()
+            );
+        }
+        jobs.extend(self::jobs(&faults, &libtest_args(&[])));
+    }
+    let outcome = rig::run(&rig, &jobs, "soak", &rig::DataUse::default())?;
+    Ok(finish("soak", &outcome))
 }
 
 #[cfg(test)]
