@@ -18,6 +18,9 @@
 //!                                              READY_PORT (an image's readiness)
 //! guest_vsock notify CID PORT                  connects once and closes (an
 //!                                              image's readiness signal)
+//! guest_vsock hostile SECONDS SEED             attacks every device through
+//!                                              /dev/mem, as a fuzzer would
+//!                                              (examples/common/hostile.rs)
 //! ```
 //!
 //! `serve` answers each request line on a connection (files live in DIR,
@@ -48,6 +51,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::thread;
 
+#[path = "common/hostile.rs"]
+mod hostile;
 #[path = "common/workload.rs"]
 mod workload;
 
@@ -387,6 +392,10 @@ fn main() -> ExitCode {
             args.get(2).map_or("/mnt", String::as_str),
             args.get(3).and_then(|p| p.parse().ok()),
         ),
+        Some("hostile") => hostile::run(
+            args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10),
+            args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1),
+        ),
         Some("notify") => {
             let cid = u32::try_from(num(1, 2)).unwrap_or(2);
             let port = u32::try_from(num(2, 0)).unwrap_or(0);
@@ -408,7 +417,8 @@ fn main() -> ExitCode {
         }
         _ => Err(io::Error::other(
             "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL] \
-             | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT]] | notify CID PORT",
+             | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT]] | notify CID PORT \
+             | hostile SECONDS SEED",
         )),
     };
     match result {

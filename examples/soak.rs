@@ -15,6 +15,10 @@
 //!   resume on the next request.
 //! - `density`: M sessions at 128 MiB at once, all suspended and resumed in
 //!   waves.
+//! - `hostile`: a guest attacks every device from inside for a fixed time
+//!   (`guest_vsock hostile`, examples/common/hostile.rs) while the host
+//!   floods its TAP and vsock and a well-behaved VM in the same process
+//!   serves requests; see [`hostile`].
 //!
 //! In every cycle the guest service (`examples/guest_vsock.rs serve`) writes
 //! a step of its 4 MiB memory buffer and appends a block to a file on its
@@ -71,6 +75,7 @@ struct Params {
     cycles: usize,
     sessions: usize,
     waves: usize,
+    storm_secs: u64,
 }
 
 const MIB: u64 = 1 << 20;
@@ -82,12 +87,29 @@ struct Proc {
     threads: usize,
     maps: usize,
     rss: u64,
-    /// Resident pages of mapped snapshot memory files (restored guest RAM).
+    /// Resident pages of guest RAM: mapped snapshot memory files (restored
+    /// VMs) and the ranges of the VMs named to `with_guests`.
     guest_rss: u64,
+}
+
+/// The host address ranges of a VM's guest memory.
+fn guest_ranges(vm: &MicroVm) -> Vec<(u64, u64)> {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    vm.memory()
+        .iter()
+        .map(|r| (r.as_ptr() as u64, r.as_ptr() as u64 + r.len()))
+        .collect()
 }
 
 impl Proc {
     fn now() -> Self {
+        Self::with_guests(&[])
+    }
+
+    /// As `now`, counting the memory of these VMs' guests (booted VMs'
+    /// RAM is anonymous memory, known only by its address) as guest memory.
+    fn with_guests(vms: &[&MicroVm]) -> Self {
+        let ranges: Vec<(u64, u64)> = vms.iter().flat_map(|vm| guest_ranges(vm)).collect();
         let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |d| d.count());
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
         let (mut maps, mut guest_kb, mut in_guest) = (0, 0u64, false);
@@ -97,10 +119,14 @@ impl Proc {
             if first.contains('-') && !first.ends_with(':') {
                 // A mapping's header: range, perms, offset, dev, inode, path.
                 maps += 1;
+                let start = first
+                    .split('-')
+                    .next()
+                    .and_then(|a| u64::from_str_radix(a, 16).ok())
+                    .unwrap_or(0);
                 let path = words.nth(4).unwrap_or("");
-                in_guest = Path::new(path)
-                    .file_name()
-                    .is_some_and(|n| n == MEMORY_FILE);
+                in_guest = Path::new(path).file_name().is_some_and(|n| n == MEMORY_FILE)
+                    || ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&start));
             } else if first == "Rss:" && in_guest {
                 guest_kb += words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
             }
@@ -241,30 +267,66 @@ const VM_INIT: &str = "mount -t ext4 /dev/vda /mnt || echo '@@mount failed'\n\
      guest_vsock serve 5000 /mnt &\n\
      while true; do sleep 3600; done\n";
 
-fn vm_cycles(p: &Params) -> String {
-    let tmp = TempDir::new("soak-vm");
-    let disk = tmp.0.join("disk.ext4");
-    let src = std::env::var_os("DORMOUSE_TEST_DISK").expect("DORMOUSE_TEST_DISK");
-    std::fs::copy(src, &disk).expect("copying the test disk");
-    let listener = UnixListener::bind(tmp.0.join("vsock.sock")).expect("binding the vsock");
-    let clone = || listener.try_clone().expect("cloning the vsock listener");
-    let console = Console::default();
-    let mut vm = MicroVm::builder()
-        .memory_mib(128)
-        .kernel(guest_assets().kernel)
-        .initrd(service_initrd(&tmp.0, VM_INIT))
-        .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
-        .serial_output(console.clone())
-        .block(&disk, false)
-        .vsock_listener(3, clone(), Default::default())
-        .build()
-        .expect("building the VM");
-    vm.start().expect("starting the VM");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !console.text().contains("@@serving=") {
-        assert!(Instant::now() < deadline, "no service:\n{}", console.text());
+/// A booted service VM (128 MiB, a copy of the test disk, vsock on a
+/// listener the host keeps for its restores).
+struct ServiceVm {
+    vm: MicroVm,
+    console: Console,
+    listener: UnixListener,
+}
+
+impl ServiceVm {
+    fn boot(dir: &Path) -> Self {
+        let disk = dir.join("disk.ext4");
+        let src = std::env::var_os("DORMOUSE_TEST_DISK").expect("DORMOUSE_TEST_DISK");
+        std::fs::copy(src, &disk).expect("copying the test disk");
+        let listener = UnixListener::bind(dir.join("vsock.sock")).expect("binding the vsock");
+        let console = Console::default();
+        let mut vm = MicroVm::builder()
+            .memory_mib(128)
+            .kernel(guest_assets().kernel)
+            .initrd(service_initrd(dir, VM_INIT))
+            .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
+            .serial_output(console.clone())
+            .block(&disk, false)
+            .vsock_listener(3, Self::clone_of(&listener), Default::default())
+            .build()
+            .expect("building the VM");
+        vm.start().expect("starting the VM");
+        wait_for(&console, "@@serving=", Duration::from_secs(600));
+        Self {
+            vm,
+            console,
+            listener,
+        }
+    }
+
+    fn clone_of(listener: &UnixListener) -> UnixListener {
+        listener.try_clone().expect("cloning the vsock listener")
+    }
+}
+
+/// Waits until the console shows `text`.
+fn wait_for(console: &Console, text: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !console.text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never printed {text:?}:\n{}",
+            console.text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn vm_cycles(p: &Params) -> String {
+    let tmp = TempDir::new("soak-vm");
+    let ServiceVm {
+        mut vm,
+        console,
+        listener,
+    } = ServiceVm::boot(&tmp.0);
+    let clone = || ServiceVm::clone_of(&listener);
     let mut model = Model::default();
     let (mut suspends, mut resumes) = (Vec::new(), Vec::new());
     let mut first = None;
@@ -304,6 +366,195 @@ fn vm_cycles(p: &Params) -> String {
     );
     vm.pause().expect("pause at the end");
     summary
+}
+
+/// The hostile guest: no virtio driver; `guest_vsock hostile` drives the
+/// devices itself for the storm, then the guest prints a heartbeat.
+fn hostile_init(seconds: u64) -> String {
+    format!(
+        "guest_vsock hostile {seconds} 7\n\
+         i=0; while true; do i=$((i+1)); echo \"@@beat=$i\"; sleep 1; done\n"
+    )
+}
+
+/// The last heartbeat the guest printed.
+fn last_beat(console: &Console) -> u64 {
+    console
+        .text()
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("@@beat="))
+        .filter_map(|n| n.trim().parse().ok())
+        .last()
+        .unwrap_or(0)
+}
+
+/// Pause, snapshot into `dir`, drop, restore from it, resume: the hostile
+/// VM's suspend and resume.
+fn cycle_hostile(vm: MicroVm, dir: &Path, console: &Console, tap: &dormouse::devices::virtio::net::Tap) -> MicroVm {
+    use std::os::fd::AsFd;
+    let mut vm = vm;
+    vm.pause_within(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("pausing the hostile VM: {e}; its console:\n{}", console.text()));
+    vm.snapshot(dir).expect("snapshotting the hostile VM");
+    drop(vm);
+    MicroVm::restore(dir)
+        .reuse_saved_paths(true)
+        .tap(
+            0,
+            dormouse::devices::virtio::net::TapConfig::Fd(
+                tap.as_fd().try_clone_to_owned().expect("duplicating the TAP fd"),
+            ),
+        )
+        .vsock_uds(dir.join("v.sock"))
+        .serial_output(console.clone())
+        .resume(true)
+        .build()
+        .expect("restoring the hostile VM")
+}
+
+/// A guest attacks every device for `seconds` while a well-behaved VM
+/// in the same process serves requests; the host floods the hostile VM's
+/// network and vsock from outside too. The VMM must stay healthy (no
+/// device thread fails, memory bounded), the other VM unaffected, and the
+/// hostile VM must pause, snapshot and restore, in the middle of the storm
+/// and after it.
+fn hostile(seconds: u64) -> String {
+    use dormouse::devices::virtio::net::TapConfig;
+    use std::os::fd::AsFd;
+    let tmp = TempDir::new("soak-hostile");
+    // The bystander first, before this thread moves to its own netns.
+    let mut bystander = ServiceVm::boot(&tmp.0);
+    let mut model = Model::default();
+    model.step(0, &mut |r| ask_vm(&bystander.vm, r));
+    let tap = common::isolated_tap("hostile0", "10.99.0.1/24");
+    let disk = tmp.0.join("hostile.ext4");
+    std::fs::copy(
+        std::env::var_os("DORMOUSE_TEST_DISK").expect("DORMOUSE_TEST_DISK"),
+        &disk,
+    )
+    .expect("copying the test disk");
+    let hdir = tmp.0.join("hostile");
+    std::fs::create_dir_all(&hdir).expect("creating the hostile VM's directory");
+    let console = Console::default();
+    let mut vm = MicroVm::builder()
+        .vcpus(2)
+        // 128 MiB with two vCPUs leaves the kernel too little beside its
+        // CMA reserve and the initramfs: it runs out of memory at boot.
+        .memory_mib(256)
+        .kernel(guest_assets().kernel)
+        .initrd(common::session::tool_initrd(&hdir, &[], &hostile_init(seconds)))
+        .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
+        .serial_output(console.clone())
+        .block(&disk, false)
+        .net(TapConfig::Fd(
+            tap.as_fd().try_clone_to_owned().expect("duplicating the TAP fd"),
+        ))
+        .vsock(4, hdir.join("v.sock"))
+        .build()
+        .expect("building the hostile VM");
+    vm.start().expect("starting the hostile VM");
+    let start_rss = Proc::with_guests(&[&vm, &bystander.vm]).vmm_rss();
+
+    // Outside pressure: broadcast frames into the hostile VM's TAP, and
+    // host connections to a guest port nothing serves.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders = {
+        let stop = stop.clone();
+        let sock = hdir.join("v.sock");
+        std::thread::spawn(move || {
+            let udp = std::net::UdpSocket::bind("10.99.0.1:0").expect("binding a UDP socket");
+            udp.set_broadcast(true).expect("SO_BROADCAST");
+            let (mut frames, mut connects) = (0u64, 0u64);
+            let payload = [0xA5u8; 1200];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..200 {
+                    if udp.send_to(&payload, "10.99.0.255:9").is_ok() {
+                        frames += 1;
+                    }
+                }
+                if let Ok(mut s) = UnixStream::connect(&sock) {
+                    let _ = s.write_all(b"CONNECT 5000\n");
+                    connects += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (frames, connects)
+        })
+    };
+
+    // Watch until the storm is over; snapshot and restore half-way.
+    let deadline = Instant::now() + Duration::from_secs(seconds + 900);
+    let half = Instant::now() + Duration::from_secs(seconds / 2);
+    let (mut max_rss, mut steps, mut mid_done) = (start_rss, 1u64, false);
+    let mut unhandled = 0;
+    while !console.text().contains("@@storm=done") {
+        assert!(
+            Instant::now() < deadline,
+            "the storm never ended:\n{}",
+            console.text()
+        );
+        match vm.wait_timeout(Duration::ZERO) {
+            Ok(None) => {}
+            other => panic!(
+                "the hostile VM stopped during the storm: {other:?}; its console:\n{}",
+                console.text()
+            ),
+        }
+        model.step(steps, &mut |r| ask_vm(&bystander.vm, r));
+        steps += 1;
+        max_rss = max_rss.max(Proc::with_guests(&[&vm, &bystander.vm]).vmm_rss());
+        if !mid_done && Instant::now() > half {
+            unhandled += vm.unhandled_mmio_accesses();
+            vm = cycle_hostile(vm, &tmp.0.join("mid"), &console, &tap);
+            mid_done = true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (frames, connects) = flooders.join().expect("the flooder thread");
+    let storm = common::fact(&console.text(), "storm");
+    for id in ["1", "2", "19"] {
+        assert!(
+            storm
+                .split_whitespace()
+                .any(|w| w.strip_prefix("devices=").is_some_and(|d| d.split(',').any(|x| x == id))),
+            "the hostile program did not reach device type {id}: {storm}"
+        );
+    }
+    // The guest lives on after the storm.
+    let beat = {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while last_beat(&console) < 2 {
+            assert!(Instant::now() < deadline, "no heartbeat after the storm:\n{}", console.text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        last_beat(&console)
+    };
+    unhandled += vm.unhandled_mmio_accesses();
+    let vm = cycle_hostile(vm, &tmp.0.join("end"), &console, &tap);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while last_beat(&console) <= beat {
+        assert!(Instant::now() < deadline, "no heartbeat after the restore:\n{}", console.text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(vm);
+    // The bystander never noticed.
+    model.check(&mut |r| ask_vm(&bystander.vm, r));
+    bystander.vm.pause().expect("pausing the bystander");
+    let _ = (&mut bystander.console, &bystander.listener);
+    assert!(unhandled > 0, "the storm reached no empty MMIO slot");
+    let grown = max_rss.saturating_sub(start_rss);
+    assert!(
+        grown <= 64 * MIB,
+        "VMM memory grew by {:.1} MiB during the storm",
+        mib(grown)
+    );
+    format!(
+        "{seconds} s storm: {storm}; host sent {frames} broadcast frames and {connects} vsock connects; \
+         {unhandled} accesses to empty MMIO; bystander answered {steps} steps, all checksums right; \
+         VMM memory grew {:.1} MiB at most; paused, snapshotted and restored mid-storm and after it",
+        mib(grown)
+    )
 }
 
 fn root(dir: &Path) -> SessionRoot {
@@ -487,8 +738,9 @@ fn main() -> ExitCode {
         cycles: env("DORMOUSE_SOAK_CYCLES", if short { 12 } else { 200 }),
         sessions: env("DORMOUSE_SOAK_SESSIONS", if short { 6 } else { 32 }),
         waves: env("DORMOUSE_SOAK_WAVES", if short { 2 } else { 3 }),
+        storm_secs: env("DORMOUSE_SOAK_STORM_SECS", if short { 40 } else { 300 }) as u64,
     };
-    let all = ["vm-cycles", "session-cycles", "density"];
+    let all = ["vm-cycles", "session-cycles", "density", "hostile"];
     let chosen: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
@@ -514,6 +766,13 @@ fn main() -> ExitCode {
         if want("density") {
             ok &= run("density", || density(&p, &image, &tmp.0));
         }
+    }
+    if want("hostile") {
+        // In a thread of its own: it moves into a network namespace.
+        let secs = p.storm_secs;
+        ok &= std::thread::spawn(move || run("hostile", || hostile(secs)))
+            .join()
+            .unwrap_or(false);
     }
     println!("@@soak {}", if ok { "passed" } else { "FAILED" });
     if ok {

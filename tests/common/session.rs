@@ -22,11 +22,17 @@ pub const SERVICE_INIT: &str = "mount -t ext4 /dev/vda /mnt || echo '@@mount fai
 
 /// An initramfs with busybox, the modules and `guest_vsock`.
 pub fn service_initrd(dir: &Path, script: &str) -> std::path::PathBuf {
-    let path = guest_initrd(
+    tool_initrd(
         dir,
         &[modules::VIRTIO_MMIO, modules::BLOCK, modules::VSOCK],
         script,
-    );
+    )
+}
+
+/// An initramfs with busybox, `modules` (loaded in order) and the guest
+/// tool `guest_vsock` (examples/guest_vsock.rs), running `script`.
+pub fn tool_initrd(dir: &Path, modules: &[&[&str]], script: &str) -> std::path::PathBuf {
+    let path = guest_initrd(dir, modules, script);
     let mut cpio = std::fs::read(&path).unwrap();
     let tool = std::env::var_os("DORMOUSE_GUEST_VSOCK_TOOL")
         .expect("DORMOUSE_GUEST_VSOCK_TOOL is not set: run the tests with `cargo xtask test`");
