@@ -31,7 +31,7 @@ const MEM: u64 = PAGES * PAGE;
 fn root() -> &'static PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        std::env::temp_dir().join(format!("dormouse-fuzz-chain-{}", std::process::id()))
+        dormouse_fuzz::scratch_path("chain")
     })
 }
 

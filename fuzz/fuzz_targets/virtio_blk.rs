@@ -31,21 +31,28 @@ use libfuzzer_sys::{fuzz_target, Corpus};
 /// The most operations one input runs.
 const MAX_OPS: usize = 256;
 
+/// The directory of the image, the top and its map (on a tmpfs when
+/// there is one): one per process.
+fn dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = dormouse_fuzz::scratch_path("blk");
+        std::fs::create_dir_all(&d).expect("creating the disk directory");
+        d
+    })
+}
+
 /// The disk image: one per process, refilled for every input.
 fn image_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("dormouse-fuzz-blk-{}.img", std::process::id()))
-    })
+    PATH.get_or_init(|| dir().join("image"))
 }
 
 /// The top of a layered disk over the image: removed (with its map) for
 /// every input.
 fn top_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("dormouse-fuzz-blk-{}.top", std::process::id()))
-    })
+    PATH.get_or_init(|| dir().join("top"))
 }
 
 /// The image's bytes: `sectors` sectors of a known pattern.
