@@ -4,8 +4,7 @@
 use std::cell::RefCell;
 
 use dormouse::memory::GuestMemoryMmap;
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Page size of the dirty bitmap (vm-memory uses the host page size).
 const PAGE: usize = 4096;
@@ -25,10 +24,11 @@ pub type Range = (u64, u64);
 
 /// Guest memory at address 0 and the driver's copy of it.
 ///
-/// Only pages marked in the dirty bitmap are compared after each pass
-/// (the bitmap is never cleared here, so a page once written stays
-/// compared); the rest are compared once, when the guest is dropped: a
-/// page that changed there changed without being marked dirty.
+/// Only pages ever marked in the dirty bitmap are compared after each
+/// pass (the bitmap's bits are collected into [`Guest::marked`], which
+/// only grows; nothing under test reads the bitmap); the rest are
+/// compared once, when the guest is dropped: a page that changed there
+/// changed without being marked dirty.
 #[derive(Debug)]
 pub struct Guest {
     /// The memory the device sees.
@@ -36,6 +36,9 @@ pub struct Guest {
     /// What the memory held when the driver last looked (after its own
     /// writes and after the last [`check`](Self::check)).
     shadow: Vec<u8>,
+    /// Every page the bitmap marked since the guest was made, one bit per
+    /// page.
+    marked: Vec<u64>,
 }
 
 impl Guest {
@@ -53,7 +56,23 @@ impl Guest {
                 .expect("mapping fuzz guest memory");
             (mem, vec![0; size])
         });
-        Self { mem, shadow }
+        let marked = vec![0; size.div_ceil(PAGE * 64)];
+        Self {
+            mem,
+            shadow,
+            marked,
+        }
+    }
+
+    /// Moves what the dirty bitmap marked into [`Guest::marked`] and
+    /// returns it.
+    fn collect_marked(&mut self) -> &[u64] {
+        let region = self.mem.find_region(GuestAddress(0)).expect("one region");
+        let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        for (m, w) in self.marked.iter_mut().zip(words) {
+            *m |= w;
+        }
+        &self.marked
     }
 
     /// The size in bytes.
@@ -102,17 +121,22 @@ impl Guest {
     /// contents as seen. Pages not marked dirty are checked when the guest
     /// is dropped. Panics on a violation.
     pub fn check(&mut self, allowed: &[Range]) {
-        let Guest { mem, shadow } = self;
-        let region = mem.find_region(GuestAddress(0)).expect("one region");
-        let bitmap = region.bitmap();
+        self.collect_marked();
+        let Guest {
+            mem,
+            shadow,
+            marked,
+        } = self;
         let now = host_view(mem, shadow.len());
-        for (page, (now, was)) in now.chunks(PAGE).zip(shadow.chunks_mut(PAGE)).enumerate() {
+        for page in marked_pages(marked) {
             let base = page * PAGE;
-            if !bitmap.dirty_at(base) || now == was {
+            let end = (base + PAGE).min(shadow.len());
+            let (now, was) = (&now[base..end], &mut shadow[base..end]);
+            if now == was {
                 continue;
             }
             // Whole lines first (a slice compare), bytes only where a line
-            // changed: a byte loop over every page is what made this slow.
+            // changed.
             for (line, (now, was)) in now.chunks(LINE).zip(was.chunks(LINE)).enumerate() {
                 if now == was {
                     continue;
@@ -139,16 +163,34 @@ impl Guest {
     /// Only pages marked dirty are read: the others may not have changed
     /// (the drop checks that).
     pub fn resync(&mut self) {
-        let Guest { mem, shadow } = self;
-        let region = mem.find_region(GuestAddress(0)).expect("one region");
-        let bitmap = region.bitmap();
+        self.collect_marked();
+        let Guest {
+            mem,
+            shadow,
+            marked,
+        } = self;
         let now = host_view(mem, shadow.len());
-        for (page, (now, was)) in now.chunks(PAGE).zip(shadow.chunks_mut(PAGE)).enumerate() {
-            if bitmap.dirty_at(page * PAGE) {
-                was.copy_from_slice(now);
-            }
+        for page in marked_pages(marked) {
+            let base = page * PAGE;
+            let end = (base + PAGE).min(shadow.len());
+            shadow[base..end].copy_from_slice(&now[base..end]);
         }
     }
+}
+
+/// The pages whose bits are set in `marked`.
+fn marked_pages(marked: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    marked.iter().enumerate().flat_map(|(w, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let bit = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(w * 64 + bit)
+        })
+    })
 }
 
 impl Drop for Guest {
@@ -161,28 +203,29 @@ impl Drop for Guest {
         if std::thread::panicking() {
             return;
         }
-        let region = self.mem.find_region(GuestAddress(0)).expect("one region");
-        let bitmap = region.bitmap();
+        self.collect_marked();
+        let marked = &self.marked;
+        let is_marked = |page: usize| marked[page / 64] >> (page % 64) & 1 == 1;
         let now = host_view(&self.mem, self.shadow.len());
         for (page, (now, was)) in now.chunks(PAGE).zip(self.shadow.chunks(PAGE)).enumerate() {
-            let base = page * PAGE;
             assert!(
-                bitmap.dirty_at(base) || now == was,
-                "the device changed page {base:#x} without marking it dirty"
+                is_marked(page) || now == was,
+                "the device changed page {:#x} without marking it dirty",
+                page * PAGE
             );
         }
-        // Every page that is not zero is marked dirty (just checked, and
-        // only writes mark pages): zero those.
+        // Every page that is not zero was marked (just checked, and only
+        // writes mark pages): zero those, then clear what zeroing marked.
         let zero = [0u8; PAGE];
-        for (page, was) in self.shadow.chunks_mut(PAGE).enumerate() {
+        for page in marked_pages(&self.marked) {
             let base = page * PAGE;
-            if bitmap.dirty_at(base) {
-                self.mem
-                    .write_slice(&zero[..was.len()], GuestAddress(base as u64))
-                    .expect("zeroing guest memory");
-                was.fill(0);
-            }
+            let end = (base + PAGE).min(self.shadow.len());
+            self.mem
+                .write_slice(&zero[..end - base], GuestAddress(base as u64))
+                .expect("zeroing guest memory");
+            self.shadow[base..end].fill(0);
         }
+        let region = self.mem.find_region(GuestAddress(0)).expect("one region");
         std::ops::Deref::deref(region).bitmap().reset();
         let mem = std::mem::take(&mut self.mem);
         let shadow = std::mem::take(&mut self.shadow);
