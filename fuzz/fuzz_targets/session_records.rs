@@ -20,11 +20,9 @@ use std::sync::OnceLock;
 
 use dormouse::arch::aarch64::state::{GicState, GicVcpuState, IccState, VcpuState};
 use dormouse::devices::serial::SerialSnapshot;
-use dormouse::session::fuzzing::{read_session_record, write_session_record, write_image_manifest};
+use dormouse::session::fuzzing::{read_session_record, write_image_manifest, write_session_record};
 use dormouse::session::{Image, IMAGE_FORMAT, IMAGE_MANIFEST, IMAGE_SNAPSHOT, SESSION_FORMAT};
-use dormouse::snapshot::{
-    format, write_dir, MemoryRegionState, SavedConfig, SnapshotId, VmState,
-};
+use dormouse::snapshot::{format, write_dir, MemoryRegionState, SavedConfig, SnapshotId, VmState};
 use dormouse::DRAM_START;
 use libfuzzer_sys::{fuzz_target, Corpus};
 
@@ -141,17 +139,22 @@ fn session(fx: &Fixture, bytes: &[u8]) {
     let id = json["id"].as_str().expect("the id");
     assert!(stays_inside(id), "accepted session id {id:?}");
     assert_ne!(u64_of("max_lifetime_ms"), 0, "accepted a zero lifetime");
-    assert_ne!(json["idle_timeout_ms"].as_u64(), Some(0), "accepted a zero idle timeout");
+    assert_ne!(
+        json["idle_timeout_ms"].as_u64(),
+        Some(0),
+        "accepted a zero idle timeout"
+    );
     let next_layer = u64_of("next_layer");
-    assert_ne!(next_layer, u64::MAX, "accepted a next layer number that cannot grow");
+    assert_ne!(
+        next_layer,
+        u64::MAX,
+        "accepted a next layer number that cannot grow"
+    );
     let chain = json["chain"].as_array().expect("the chain");
     // The next suspend writes l<next_layer>, the next merge m<next_layer>:
     // neither may be a committed layer (the suspend removes what is there
     // first).
-    let next = [
-        format!("l{next_layer:06}"),
-        format!("m{next_layer:06}"),
-    ];
+    let next = [format!("l{next_layer:06}"), format!("m{next_layer:06}")];
     for name in chain {
         let name = name.as_str().expect("a chain entry");
         assert!(stays_inside(name), "accepted chain entry {name:?}");
@@ -179,10 +182,17 @@ fn image(fx: &Fixture, bytes: &[u8]) {
     );
     assert_eq!(manifest.snapshot_id, SNAPSHOT_ID.to_string());
     // The fixture's snapshot has no disks.
-    assert!(manifest.disks.is_empty(), "accepted disks the snapshot lacks");
+    assert!(
+        manifest.disks.is_empty(),
+        "accepted disks the snapshot lacks"
+    );
     write_image_manifest(&path, &manifest).expect("an accepted manifest is written");
     let again = Image::open(&fx.image).expect("a written manifest opens");
-    assert_eq!(again.manifest(), &manifest, "open(write(manifest)) != manifest");
+    assert_eq!(
+        again.manifest(),
+        &manifest,
+        "open(write(manifest)) != manifest"
+    );
     assert_eq!(again.dir(), image.dir());
 }
 

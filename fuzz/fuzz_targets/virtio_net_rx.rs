@@ -172,7 +172,9 @@ impl Rig {
     }
 
     fn kick(&self) {
-        self.dev.lock().unwrap().queue_events()[RX].write(1).unwrap();
+        self.dev.lock().unwrap().queue_events()[RX]
+            .write(1)
+            .unwrap();
     }
 
     /// Sends a datagram; the model keeps it if the socket took it.

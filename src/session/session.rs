@@ -1002,7 +1002,9 @@ mod tests {
     fn a_record_whose_next_layer_would_overwrite_its_chain_is_refused() {
         let path = Path::new("session.json");
         assert!(record(&["l000001", "m000002"], 3).validate(path).is_ok());
-        assert!(record(&["l000001", "other"], 1_000_000).validate(path).is_ok());
+        assert!(record(&["l000001", "other"], 1_000_000)
+            .validate(path)
+            .is_ok());
         for (chain, next) in [
             (&["l000001", "m000003"][..], 3),
             (&["l000003"][..], 3),
