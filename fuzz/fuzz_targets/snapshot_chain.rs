@@ -30,9 +30,7 @@ const MEM: u64 = PAGES * PAGE;
 
 fn root() -> &'static PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        std::env::temp_dir().join(format!("dormouse-fuzz-chain-{}", std::process::id()))
-    })
+    ROOT.get_or_init(|| dormouse_fuzz::scratch_path("chain"))
 }
 
 fn state(id: u8, parent: Option<u8>, runs: Option<Vec<(u64, u64)>>) -> VmState {

@@ -31,26 +31,39 @@ use libfuzzer_sys::{fuzz_target, Corpus};
 /// The most operations one input runs.
 const MAX_OPS: usize = 256;
 
+/// The directory of the image, the top and its map (on a tmpfs when
+/// there is one): one per process.
+fn dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = dormouse_fuzz::scratch_path("blk");
+        std::fs::create_dir_all(&d).expect("creating the disk directory");
+        d
+    })
+}
+
 /// The disk image: one per process, refilled for every input.
 fn image_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("dormouse-fuzz-blk-{}.img", std::process::id()))
-    })
+    PATH.get_or_init(|| dir().join("image"))
 }
 
 /// The top of a layered disk over the image: removed (with its map) for
 /// every input.
 fn top_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("dormouse-fuzz-blk-{}.top", std::process::id()))
-    })
+    PATH.get_or_init(|| dir().join("top"))
 }
 
-/// The image's bytes: `sectors` sectors of a known pattern.
-fn pattern(sectors: u64) -> Vec<u8> {
-    (0..sectors * 512).map(|i| (i % 251) as u8).collect()
+/// The most sectors an image has.
+const MAX_SECTORS: u64 = 64;
+
+/// The image's bytes: `sectors` sectors of a known pattern (made once:
+/// making it for every input was a large share of the target's time).
+fn pattern(sectors: u64) -> &'static [u8] {
+    static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
+    let all = PATTERN.get_or_init(|| (0..MAX_SECTORS * 512).map(|i| (i % 251) as u8).collect());
+    &all[..(sectors.min(MAX_SECTORS) * 512) as usize]
 }
 
 /// Recreates the image with `sectors` sectors of a known pattern.
@@ -62,7 +75,7 @@ fn fill_image(sectors: u64) -> File {
         .truncate(true)
         .open(image_path())
         .expect("creating the disk image");
-    file.write_all_at(&pattern(sectors), 0)
+    file.write_all_at(pattern(sectors), 0)
         .expect("filling the disk image");
     file
 }
@@ -112,7 +125,7 @@ fn run(data: &[u8]) -> Corpus {
     let mut input = Input::new(data);
     let size = queue_size(input.u8());
     let choice = input.u8();
-    let sectors = u64::from(input.u8() % 64) + 1;
+    let sectors = u64::from(input.u8()) % MAX_SECTORS + 1;
     let image = fill_image(sectors);
     let layered = choice & (1 << 5) != 0;
     let dev = if layered {

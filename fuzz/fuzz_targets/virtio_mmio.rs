@@ -69,7 +69,7 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 fn tmp(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("dormouse-fuzz-mmio-{}", std::process::id()));
+        let d = dormouse_fuzz::scratch_path("mmio");
         std::fs::create_dir_all(&d).expect("creating the temporary directory");
         d
     })

@@ -48,7 +48,7 @@ const MAX_STREAMS: usize = 8;
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("dormouse-fuzz-vsock-{}", std::process::id()));
+        let d = dormouse_fuzz::scratch_path("vsock");
         std::fs::create_dir_all(&d).expect("creating the socket directory");
         d
     })

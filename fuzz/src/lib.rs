@@ -46,6 +46,44 @@ pub fn ring_base(q: usize) -> u64 {
     q as u64 * ring::RING_SPAN
 }
 
+/// Where targets put the files their code under test needs a path for
+/// (disk images, snapshot directories, sockets): `/dev/shm` (a tmpfs, so
+/// per-input files cost no disk I/O and fsyncs are free) when it is
+/// there, the temporary directory otherwise.
+pub fn scratch_dir() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A path of this process in [`scratch_dir`]:
+/// `dormouse-fuzz-<name>-<pid>`. Whatever is there when the process exits
+/// (libFuzzer ends a run with `exit`) is removed then.
+pub fn scratch_path(name: &str) -> std::path::PathBuf {
+    use std::sync::{Mutex, Once};
+    static PATHS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+    static AT_EXIT: Once = Once::new();
+    extern "C" fn remove_all() {
+        let paths = PATHS.lock().map(|p| p.clone()).unwrap_or_default();
+        for p in paths {
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+    AT_EXIT.call_once(|| {
+        // SAFETY: atexit(3) with a plain `extern "C"` function that takes
+        // no arguments and lives as long as the program.
+        unsafe { libc::atexit(remove_all) };
+    });
+    let path = scratch_dir().join(format!("dormouse-fuzz-{name}-{}", std::process::id()));
+    if let Ok(mut paths) = PATHS.lock() {
+        paths.push(path.clone());
+    }
+    path
+}
+
 /// Runs one step of the standard check: walks what each ring made
 /// available, runs `pass` (the device's event-loop work), then checks the
 /// device's memory writes and used rings. Returns each ring's new used

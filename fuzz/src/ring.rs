@@ -446,6 +446,16 @@ impl Ring {
     pub fn is_corrupt(&self) -> bool {
         self.corrupt
     }
+
+    /// The first chain of the last [`expect`](Self::expect) that the
+    /// device has not used (after [`take_used`](Self::take_used): the one
+    /// it tries next). `None` if there is none or the ring is corrupt.
+    pub fn front(&self) -> Option<&Chain> {
+        if self.corrupt {
+            return None;
+        }
+        self.outstanding.front().map(|(_, c)| c)
+    }
 }
 
 /// A chain as the device saw it when it was made available.
@@ -499,6 +509,22 @@ pub struct Used {
 }
 
 impl Used {
+    /// The guest ranges holding the first `len` bytes of the chain's
+    /// writable buffers: where the device may have written.
+    pub fn written_ranges(&self) -> Vec<Range> {
+        let mut out = Vec::new();
+        let mut left = u64::from(self.len);
+        for &(start, end) in &self.chain.ranges {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(end - start);
+            out.push((start, start + n));
+            left -= n;
+        }
+        out
+    }
+
     /// The first `len` bytes the device wrote into the chain.
     pub fn written(&self, guest: &Guest) -> Vec<u8> {
         let mut out = Vec::new();

@@ -191,6 +191,124 @@ fn net_seeds() -> Seeds {
     out
 }
 
+mod net_rx {
+    use super::*;
+
+    /// `n` plain receive chains of `parts` descriptors of `len` bytes from
+    /// slot `slot`; notified unless `quiet`.
+    pub fn buffers(e: &mut Encoder, n: u8, parts: u8, len: u16, slot: u8, quiet: bool) {
+        let shape = (parts - 1) | if quiet { 0x80 } else { 0 };
+        e.u8(2).u8(n - 1).u8(shape).u16(len).u8(slot);
+    }
+
+    /// A frame spec: header kind and byte, length class and raw length,
+    /// content seed.
+    pub fn spec(e: &mut Encoder, header: u8, hdr: u8, class: u8, len: u16, seed: u8) {
+        e.u8(header | class << 2).u8(hdr).u16(len).u8(seed);
+    }
+
+    /// The host sends one frame of class 1 (`1 + len % 2048` bytes).
+    pub fn frame(e: &mut Encoder, len: u16) {
+        e.u8(4);
+        spec(e, 0, 0, 1, len, 3);
+    }
+
+    pub fn kick(e: &mut Encoder) {
+        e.u8(3);
+    }
+}
+
+fn net_rx_seeds() -> Seeds {
+    use net_rx::*;
+    let mut out = Vec::new();
+
+    // Buffers, then frames: delivered, asking for checksum offload
+    // (dropped), larger than the buffers (dropped), a burst.
+    let mut e = Encoder::default();
+    e.u8(SIZE_16);
+    buffers(&mut e, 4, 1, 2048, 0, false);
+    frame(&mut e, 99);
+    e.u8(4);
+    spec(&mut e, 1, 1, 1, 99, 4);
+    e.u8(4);
+    spec(&mut e, 0, 0, 3, 3000, 5);
+    e.u8(5).u8(4).u8(10);
+    spec(&mut e, 0, 0, 1, 59, 6);
+    kick(&mut e);
+    out.push(("seed-deliver", e.0));
+
+    // A frame held without buffers, buffers added without a notification,
+    // the notification, a frame held at a reset.
+    let mut e = Encoder::default();
+    e.u8(2);
+    frame(&mut e, 200);
+    buffers(&mut e, 1, 2, 512, 1, true);
+    frame(&mut e, 300);
+    kick(&mut e);
+    frame(&mut e, 400);
+    e.u8(7).u8(2);
+    buffers(&mut e, 2, 1, 4096, 2, false);
+    frame(&mut e, 500);
+    out.push(("seed-held-reset", e.0));
+
+    // Frames at the largest size (delivered into two-descriptor chains)
+    // and one byte past it, then the end of file and a frame after it.
+    let mut e = Encoder::default();
+    e.u8(SIZE_16);
+    buffers(&mut e, 2, 2, 0xffff, 0, false);
+    e.u8(4);
+    spec(&mut e, 0, 0, 2, 64, 7);
+    e.u8(4);
+    spec(&mut e, 0, 0, 2, 65, 8);
+    e.u8(9);
+    frame(&mut e, 80);
+    kick(&mut e);
+    out.push(("seed-large-eof", e.0));
+    out
+}
+
+/// The fixture image's snapshot id (`session_records`).
+const SNAPSHOT_ID: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
+fn record_seeds() -> Seeds {
+    let session = |json: &str| {
+        let mut v = vec![0u8];
+        v.extend_from_slice(json.as_bytes());
+        v
+    };
+    let image = |json: String| {
+        let mut v = vec![1u8];
+        v.extend_from_slice(json.as_bytes());
+        v
+    };
+    vec![
+        (
+            "seed-session-suspended",
+            session(
+                r#"{"format":1,"id":"0123456789abcdef","image":"/srv/images/python","image_snapshot":"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a","created_unix_ms":1700000000000,"idle_timeout_ms":30000,"max_lifetime_ms":28800000,"allow_non_loopback":false,"endpoints":[{"Tcp":{"addr":"127.0.0.1:5000","guest_port":5000}},{"Unix":{"path":"/run/s1.sock","guest_port":5000}}],"chain":["l000001","m000002"],"next_layer":3,"launches":1,"suspends":2,"resumes":1,"merges":1,"suspended_unix_ms":1700000100000}"#,
+            ),
+        ),
+        (
+            "seed-session-fresh",
+            session(
+                r#"{"format":1,"id":"fedcba9876543210","image":"/i","image_snapshot":"00","created_unix_ms":0,"idle_timeout_ms":null,"max_lifetime_ms":1,"allow_non_loopback":true,"endpoints":[{"Tcp":{"addr":"[::1]:0","guest_port":1}}],"chain":[],"next_layer":1,"launches":1,"suspends":0,"resumes":0,"merges":0,"suspended_unix_ms":null}"#,
+            ),
+        ),
+        (
+            "seed-image",
+            image(format!(
+                r#"{{"format":1,"created_unix_ms":1700000000000,"snapshot_id":"{SNAPSHOT_ID}","memory_mib":256,"vcpus":1,"guest_cid":3,"disks":[]}}"#
+            )),
+        ),
+        (
+            "seed-image-disks",
+            image(format!(
+                r#"{{"format":1,"created_unix_ms":1,"snapshot_id":"{SNAPSHOT_ID}","memory_mib":64,"vcpus":2,"guest_cid":3,"disks":[{{"file":"disk0.img","size":4096}},{{"file":"disk1.img","size":0}}]}}"#
+            )),
+        ),
+    ]
+}
+
 mod vsock {
     use super::*;
 
@@ -385,6 +503,8 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("virtio_blk", blk_seeds()),
         ("virtio_mmio", mmio_seeds()),
         ("virtio_net_tx", net_seeds()),
+        ("virtio_net_rx", net_rx_seeds()),
+        ("session_records", record_seeds()),
         ("virtio_vsock", vsock_seeds()),
     ]
 }

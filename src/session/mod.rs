@@ -52,6 +52,38 @@ pub use session::{
     SESSION_RECORD, SUSPEND_DRAIN,
 };
 
+/// Entry points for dormouse's fuzz targets (`fuzz/fuzz_targets/
+/// session_records.rs`): the session layer's own record reader and writer,
+/// which are not public. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use super::{files, ImageManifest, SessionError};
+
+    /// A session record (`session.json`) as a root reads it; opaque, only
+    /// compared and written back.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct SessionRecord(super::session::SessionRecord);
+
+    /// Reads and checks the record at `path` exactly as a root that finds
+    /// a session does.
+    pub fn read_session_record(path: &Path) -> Result<SessionRecord, SessionError> {
+        super::root::read_session_record(path).map(SessionRecord)
+    }
+
+    /// Writes `record` to `path` as a suspend commits it.
+    pub fn write_session_record(path: &Path, record: &SessionRecord) -> Result<(), SessionError> {
+        files::write_record(path, &record.0)
+    }
+
+    /// Writes `manifest` to `path` as [`Image::create`](super::Image::create)
+    /// writes `image.json`.
+    pub fn write_image_manifest(path: &Path, manifest: &ImageManifest) -> Result<(), SessionError> {
+        files::write_record(path, manifest)
+    }
+}
+
 /// Points in a suspend where [`test_hook_crash_during_suspend`] kills the
 /// process, to test that a crash anywhere leaves the last complete
 /// snapshot resumable.

@@ -293,6 +293,13 @@ fn reopen(
     kvm: Option<PathBuf>,
     filters: Arc<ThreadFilters>,
 ) -> Result<Session, SessionError> {
+    let record = read_session_record(record_path)?;
+    Session::reopen(dir.to_path_buf(), record, kvm, filters)
+}
+
+/// Reads and checks a session's record, as a root that finds the session
+/// does before anything else.
+pub(super) fn read_session_record(record_path: &Path) -> Result<SessionRecord, SessionError> {
     let record: SessionRecord = files::read_record(
         record_path,
         || SessionError::SessionCorrupt {
@@ -305,7 +312,7 @@ fn reopen(
         },
     )?;
     record.validate(record_path)?;
-    Session::reopen(dir.to_path_buf(), record, kvm, filters)
+    Ok(record)
 }
 
 /// Takes the root's lock file (flock, held while the root is open) and

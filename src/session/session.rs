@@ -174,8 +174,35 @@ impl SessionRecord {
         if self.max_lifetime_ms == 0 || self.idle_timeout_ms == Some(0) {
             return Err(corrupt("a zero lifetime or idle timeout".into()));
         }
+        // The next suspend writes l<next_layer> (removing whatever is
+        // there first) and the next merge m<next_layer>: a committed layer
+        // of that number or above would be overwritten.
+        if self.next_layer == u64::MAX {
+            return Err(corrupt("next layer number at its maximum".into()));
+        }
+        if let Some(bad) = self
+            .chain
+            .iter()
+            .find(|n| layer_number(n).is_some_and(|k| k >= self.next_layer))
+        {
+            return Err(corrupt(format!(
+                "chain entry {bad:?} is not below the next layer number {}",
+                self.next_layer
+            )));
+        }
         Ok(())
     }
+}
+
+/// The number in a layer directory's name (`l000012`, `m000013`), if it
+/// is one.
+fn layer_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix('l').or_else(|| name.strip_prefix('m'))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // More digits than a u64 holds: above any next layer number.
+    Some(digits.parse().unwrap_or(u64::MAX))
 }
 
 /// Latencies measured in this process.
@@ -939,5 +966,56 @@ impl Forward for Inner {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(chain: &[&str], next_layer: u64) -> SessionRecord {
+        SessionRecord {
+            format: SESSION_FORMAT,
+            id: "0123456789abcdef".into(),
+            image: PathBuf::from("/i"),
+            image_snapshot: "00".into(),
+            created_unix_ms: 0,
+            idle_timeout_ms: None,
+            max_lifetime_ms: 1,
+            allow_non_loopback: false,
+            endpoints: Vec::new(),
+            chain: chain.iter().map(|n| n.to_string()).collect(),
+            next_layer,
+            launches: 1,
+            suspends: 0,
+            resumes: 0,
+            merges: 0,
+            suspended_unix_ms: None,
+        }
+    }
+
+    /// Found by the `session_records` fuzz target: a record whose chain
+    /// holds m000003 with next layer 3 was accepted, and the next merge
+    /// (or, for l000003, the next suspend) would have overwritten a
+    /// committed layer.
+    #[test]
+    fn a_record_whose_next_layer_would_overwrite_its_chain_is_refused() {
+        let path = Path::new("session.json");
+        assert!(record(&["l000001", "m000002"], 3).validate(path).is_ok());
+        assert!(record(&["l000001", "other"], 1_000_000)
+            .validate(path)
+            .is_ok());
+        for (chain, next) in [
+            (&["l000001", "m000003"][..], 3),
+            (&["l000003"][..], 3),
+            (&["l000009"][..], 3),
+            (&["m99999999999999999999999"][..], 3),
+            (&[][..], u64::MAX),
+        ] {
+            match record(chain, next).validate(path) {
+                Err(SessionError::SessionCorrupt { .. }) => {}
+                other => panic!("{chain:?} with next layer {next}: {other:?}"),
+            }
+        }
     }
 }
