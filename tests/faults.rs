@@ -1,0 +1,471 @@
+//! Fault injection on a running Linux guest (issue 13, "Faults"): each test
+//! boots a real guest, breaks one thing under it, and checks both the
+//! documented outcome and that nothing the guest holds was lost, by the
+//! guest's own account (a counting process, a note in tmpfs, files on a
+//! disk), and that the VM runs on.
+//!
+//! The outcomes, one test each:
+//! - the vsock host peer is SIGKILLed mid-stream: the guest's side ends,
+//!   the next connection to the port moves its bytes intact;
+//! - the VMM process is SIGKILLed while it writes a snapshot: that
+//!   snapshot does not exist, restoring it is an error, the previous one
+//!   restores the guest exactly;
+//!
+//! ENOSPC in the middle of a full snapshot and of a diff is
+//! tests/snapshot_enospc.rs.
+//!
+//! Runs as root in the emulated host (mounts, TAPs, ioctls):
+//! `cargo xtask test --emulated-only -- fault_`.
+#![cfg(target_arch = "aarch64")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest_assets, guest_initrd, modules, Session, TempDir};
+use dormouse::builder::DEFAULT_CMDLINE;
+use dormouse::snapshot::SnapshotError;
+use dormouse::{Error, ExitReason, MicroVm};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const BOOT: Duration = Duration::from_secs(600);
+
+/// The guest's life: a counting process, a note in tmpfs, and a command
+/// loop on the console (`report TAG` prints the facts as `@@TAG=...`).
+const SESSION: &str = r#"
+mount -t tmpfs tmpfs /tmp
+echo "note-$(cat /proc/sys/kernel/random/uuid)" > /tmp/note
+(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done) &
+CPID=$!
+echo @@ready=yes
+while read cmd arg; do
+  case "$cmd" in
+    report) echo "@@$arg=pid:$(cut -d' ' -f1 /proc/$CPID/stat 2>/dev/null) counter:$(cat /tmp/counter) note:$(cat /tmp/note)";;
+    run) eval "$arg" ;;
+    off) poweroff -f;;
+  esac
+done
+"#;
+
+/// Reports the runtime of a test when dropped.
+struct Timed(&'static str, Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        common::report(&format!(
+            "{}: {:.1} s",
+            self.0,
+            self.1.elapsed().as_secs_f64()
+        ));
+    }
+}
+
+/// Starts a test: dormouse's log on stderr (RUST_LOG), and its timer.
+fn start(name: &'static str) -> Timed {
+    common::init_logging();
+    Timed(name, Instant::now())
+}
+
+/// The facts of one report, by name.
+type Facts = HashMap<String, String>;
+
+fn parse_report(line: &str) -> Facts {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn report(session: &mut Session, tag: &str) -> Facts {
+    session.send(&format!("report {tag}"));
+    parse_report(&session.wait_fact(tag, MINUTE))
+}
+
+fn counter(facts: &Facts) -> u64 {
+    facts["counter"]
+        .parse()
+        .unwrap_or_else(|_| panic!("counter in {facts:?}"))
+}
+
+/// Asserts that `after` is the same guest as `before`, its counter
+/// continued (the process lived, its memory kept), and it still counts.
+fn assert_same_guest(session: &mut Session, before: &Facts, tag: &str) {
+    let after = report(session, tag);
+    assert_eq!(after["pid"], before["pid"], "{before:?} / {after:?}");
+    assert_eq!(after["note"], before["note"], "{before:?} / {after:?}");
+    assert!(counter(&after) >= counter(before), "{before:?} / {after:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let later = report(session, &format!("{tag}_later"));
+    assert!(counter(&later) > counter(&after), "{after:?} / {later:?}");
+}
+
+/// Runs `command` in the guest and returns what it printed as `@@tag=`.
+fn ask(session: &mut Session, tag: &str, command: &str) -> String {
+    session.run(&format!("echo \"@@{tag}=$({command})\""));
+    session.wait_fact(tag, MINUTE)
+}
+
+/// An initramfs with the modules, `guest_vsock`, and `script`.
+fn initrd_with_tool(dir: &Path, mods: &[&[&str]], script: &str) -> PathBuf {
+    let path = guest_initrd(dir, mods, script);
+    let mut cpio = std::fs::read(&path).unwrap();
+    let tool = std::env::var_os("DORMOUSE_GUEST_VSOCK_TOOL").expect("DORMOUSE_GUEST_VSOCK_TOOL");
+    let mut extra = common::initramfs::Initramfs::new();
+    extra.file("bin/guest_vsock", 0o755, &std::fs::read(tool).unwrap());
+    let extra = extra.write_to(dir, "tool.cpio").unwrap();
+    cpio.extend_from_slice(&std::fs::read(extra).unwrap());
+    std::fs::write(&path, cpio).unwrap();
+    path
+}
+
+fn builder(initrd: &Path) -> dormouse::MicroVmBuilder {
+    MicroVm::builder()
+        .memory_mib(256)
+        .kernel(guest_assets().kernel)
+        .initrd(initrd)
+        .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
+}
+
+/// Boots `builder` with a console session and waits for the guest.
+fn boot(builder: dormouse::MicroVmBuilder) -> (MicroVm, Session) {
+    let (session, input) = Session::new();
+    let mut vm = builder
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .expect("building the VM");
+    vm.start().unwrap();
+    session.wait_fact("ready", BOOT);
+    (vm, session)
+}
+
+/// Powers the guest off and checks it ended as asked.
+fn power_off(mut vm: MicroVm, mut session: Session) {
+    session.send("off");
+    assert_eq!(vm.wait().unwrap(), ExitReason::Shutdown);
+}
+
+// ---------------------------------------------------------------------
+// 3. The vsock host peer dies mid-stream.
+
+const VSOCK_CHILD: &str = "DORMOUSE_FAULT_VSOCK_CHILD";
+const VSOCK_PORT: u32 = 5000;
+
+fn vsock_pattern(i: u64) -> u8 {
+    (i.wrapping_mul(13) % 251).to_le_bytes()[0]
+}
+
+/// Connects to the guest's port through the device's socket.
+fn connect_to_guest(uds: &Path) -> UnixStream {
+    let mut stream = UnixStream::connect(uds).expect("connecting to the vsock socket");
+    stream.set_read_timeout(Some(MINUTE)).unwrap();
+    writeln!(stream, "CONNECT {VSOCK_PORT}").unwrap();
+    // Byte by byte: nothing past the line may be taken from the stream.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        stream.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    assert!(line.starts_with(b"OK "), "handshake answered {line:?}");
+    stream
+}
+
+/// The child: streams the pattern to the guest's echo server and checks
+/// what comes back, printing `ECHOED <bytes>` after each MiB, until it is
+/// killed.
+fn vsock_child(uds: &Path) {
+    let stream = connect_to_guest(uds);
+    let mut writer = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut at = 0u64;
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            for b in chunk.iter_mut() {
+                *b = vsock_pattern(at);
+                at += 1;
+            }
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let mut reader = stream;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0u64;
+    let mut next_report = 1u64 << 20;
+    let mut out = std::io::stdout();
+    loop {
+        let n = reader.read(&mut buf).unwrap();
+        assert!(n > 0, "the echo ended");
+        for &b in &buf[..n] {
+            assert_eq!(b, vsock_pattern(got), "echo byte {got} differs");
+            got += 1;
+        }
+        if got >= next_report {
+            writeln!(out, "ECHOED {got}").unwrap();
+            out.flush().unwrap();
+            next_report += 1 << 20;
+        }
+    }
+}
+
+/// A host process streaming data both ways through a guest vsock port
+/// (host -> guest echo server -> host, bytes checked) is SIGKILLed in the
+/// middle. Documented outcome: the guest's side of the connection ends (its
+/// read returns end-of-stream, or a read or write fails), having echoed
+/// at least what the host had checked; the VM runs on, and a new connection
+/// to the same port echoes 1 MiB intact, after which the guest counts it
+/// as a second connection that ended cleanly with exactly that many bytes.
+#[test]
+fn fault_vsock_host_peer_killed_mid_stream() {
+    if let Some(uds) = std::env::var_os(VSOCK_CHILD) {
+        return vsock_child(Path::new(&uds));
+    }
+    let _timed = start("fault_vsock_host_peer_killed_mid_stream");
+    let tmp = TempDir::new("fault-vsock");
+    let uds = tmp.0.join("vsock.sock");
+    let initrd = initrd_with_tool(
+        &tmp.0,
+        &[modules::VIRTIO_MMIO, modules::VSOCK],
+        &format!("guest_vsock echo-report {VSOCK_PORT} &\n{SESSION}"),
+    );
+    let (mut vm, mut session) = boot(builder(&initrd).vsock(3, &uds));
+    session.wait_fact("vsock_listening", MINUTE);
+    let before = report(&mut session, "before");
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fault_vsock_host_peer_killed_mid_stream",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(VSOCK_CHILD, &uds)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let checked = loop {
+        let line = lines
+            .next()
+            .expect("the child ended before it echoed 2 MiB")
+            .unwrap();
+        if let Some(n) = line.split_once("ECHOED ").map(|(_, n)| n) {
+            let n: u64 = n.trim().parse().unwrap();
+            if n >= 2 << 20 {
+                break n;
+            }
+        }
+    };
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the child was killed: {status}");
+
+    let end = session.wait_fact("vsock_end_1", MINUTE);
+    let (bytes, how) = end.split_once(' ').unwrap();
+    let bytes: u64 = bytes.parse().unwrap();
+    assert!(
+        bytes >= checked,
+        "guest echoed {bytes}, host checked {checked}"
+    );
+    assert!(how == "eof" || how.starts_with("error:"), "{end}");
+    common::report(&format!(
+        "vsock peer killed after {checked} bytes checked: guest saw {how} after echoing {bytes}"
+    ));
+
+    // A new connection to the same port: 1 MiB intact.
+    let stream = connect_to_guest(&uds);
+    let mut writer = stream.try_clone().unwrap();
+    let data: Vec<u8> = (0..1u64 << 20).map(|i| vsock_pattern(i + 7)).collect();
+    let sent = data.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    let mut reader = stream;
+    reader.read_to_end(&mut back).unwrap();
+    sender.join().unwrap();
+    assert!(
+        back == data,
+        "the second connection's echo differs ({} bytes)",
+        back.len()
+    );
+    assert_eq!(session.wait_fact("vsock_end_2", MINUTE), "1048576 eof");
+
+    assert_same_guest(&mut session, &before, "after");
+    vm.pause().unwrap();
+    vm.snapshot(tmp.0.join("snap")).unwrap();
+    vm.resume().unwrap();
+    assert_same_guest(&mut session, &before, "resumed");
+    power_off(vm, session);
+}
+
+// ---------------------------------------------------------------------
+// 4. The VMM process is SIGKILLed during a snapshot write.
+
+const SNAPSHOT_CHILD: &str = "DORMOUSE_FAULT_SNAPSHOT_CHILD";
+
+/// Writes `text` to `path` so that a reader sees all of it or nothing.
+fn publish(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The child: boots, takes snapshot `a`, changes the guest (a file, and
+/// 64 MiB of random data in tmpfs so that the next snapshot takes a
+/// while), and writes snapshot `b` until it is killed.
+fn snapshot_child(dir: &Path) {
+    let initrd = guest_initrd(dir, &[], SESSION);
+    let (mut vm, mut session) = boot(builder(&initrd));
+    session
+        .run("echo \"a-$(cat /proc/sys/kernel/random/uuid)\" > /tmp/a.txt; echo @@a_written=yes");
+    session.wait_fact("a_written", MINUTE);
+    let a_file = ask(&mut session, "a_file", "cat /tmp/a.txt");
+    let facts = report(&mut session, "a");
+    vm.pause().unwrap();
+    vm.snapshot(dir.join("a")).unwrap();
+    publish(
+        &dir.join("facts-a"),
+        &format!(
+            "pid:{} note:{} counter:{} file:{a_file}",
+            facts["pid"], facts["note"], facts["counter"]
+        ),
+    );
+    vm.resume().unwrap();
+    session.run(
+        "echo b > /tmp/b.txt; dd if=/dev/urandom of=/tmp/fill bs=1M count=64 2>/dev/null; \
+         echo @@filled=yes",
+    );
+    session.wait_fact("filled", Duration::from_secs(600));
+    vm.pause().unwrap();
+    publish(&dir.join("writing-b"), "");
+    vm.snapshot(dir.join("b")).unwrap();
+    publish(&dir.join("b-done"), "");
+    loop {
+        std::thread::park();
+    }
+}
+
+/// The memory file of the temporary directory snapshot `b` is being
+/// written into, once it holds at least `least` bytes.
+fn staged_memory(dir: &Path, least: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name();
+        let staged = name.to_string_lossy().starts_with(".b.tmp-");
+        let memory = e.path().join(dormouse::snapshot::MEMORY_FILE);
+        let size = std::fs::metadata(&memory).map_or(0, |m| m.blocks() * 512);
+        (staged && size >= least).then(|| e.path())
+    })
+}
+
+/// A process running a plain VM (no session) is SIGKILLed while it writes
+/// snapshot B, after B's memory file holds 4 MiB. Documented outcome: B
+/// does not exist (a snapshot is written into a hidden temporary directory
+/// and renamed into place only when complete), so restoring B fails with
+/// `SnapshotError::MissingFile` and no VM; the temporary directory left
+/// behind has no state file, and restoring it fails the same way. Snapshot
+/// A, the last complete one, restores guest memory byte-identical to its
+/// memory file, and the guest is exactly as it was at A: the same process
+/// and note, A's file, and nothing it did after A.
+#[test]
+fn fault_vmm_killed_during_a_snapshot_write() {
+    if let Some(dir) = std::env::var_os(SNAPSHOT_CHILD) {
+        return snapshot_child(Path::new(&dir));
+    }
+    let _timed = start("fault_vmm_killed_during_a_snapshot_write");
+    let tmp = TempDir::new("fault-kill");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fault_vmm_killed_during_a_snapshot_write",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SNAPSHOT_CHILD, &tmp.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    let staged = loop {
+        if let Some(staged) = staged_memory(&tmp.0, 4 << 20) {
+            break staged;
+        }
+        assert!(
+            !tmp.0.join("b-done").exists(),
+            "snapshot b was complete before it could be interrupted"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the child ended before snapshot b: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child never wrote snapshot b"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let staged_bytes = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(staged.join(dormouse::snapshot::MEMORY_FILE))
+            .map_or(0, |m| m.blocks() * 512)
+    };
+    common::report(&format!(
+        "VMM killed with {} KiB of snapshot b's memory file written",
+        staged_bytes >> 10
+    ));
+    assert!(tmp.0.join("writing-b").exists());
+    assert!(
+        !tmp.0.join("b-done").exists(),
+        "b completed before the kill"
+    );
+
+    // B: no snapshot, a clear error, no VM.
+    assert!(
+        !tmp.0.join("b").exists(),
+        "an interrupted snapshot is in place"
+    );
+    for dir in [tmp.0.join("b"), staged.clone()] {
+        match MicroVm::restore(&dir).build() {
+            Err(Error::Snapshot(SnapshotError::MissingFile(path))) => {
+                assert_eq!(path, dir.join(dormouse::snapshot::STATE_FILE));
+            }
+            Err(other) => panic!("restoring {}: {other:?}", dir.display()),
+            Ok(_) => panic!("{} restored", dir.display()),
+        }
+    }
+
+    // A: exactly as it was.
+    let facts = parse_report(&std::fs::read_to_string(tmp.0.join("facts-a")).unwrap());
+    let a = tmp.0.join("a");
+    let (mut session, input) = Session::new();
+    let mut restored = MicroVm::restore(&a)
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    common::assert_memory_equals_file(&restored, &a.join(dormouse::snapshot::MEMORY_FILE));
+    restored.resume().unwrap();
+    assert_eq!(ask(&mut session, "a_file", "cat /tmp/a.txt"), facts["file"]);
+    assert_eq!(
+        ask(
+            &mut session,
+            "after_a",
+            "ls /tmp/b.txt /tmp/fill 2>/dev/null | wc -l"
+        ),
+        "0"
+    );
+    assert_same_guest(&mut session, &facts, "restored");
+    power_off(restored, session);
+}
