@@ -5,6 +5,8 @@
 //! disk), and that the VM runs on.
 //!
 //! The outcomes, one test each:
+//! - the block backing file returns EIO: the guest's requests on that disk
+//!   fail with an I/O error, the VM and its other disk run on;
 //! - the vsock host peer is SIGKILLed mid-stream: the guest's side ends,
 //!   the next connection to the port moves its bytes intact;
 //! - the VMM process is SIGKILLed while it writes a snapshot: that
@@ -27,10 +29,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest_assets, guest_initrd, modules, Session, TempDir};
+use common::{guest_assets, guest_initrd, host_busybox, modules, Session, TempDir};
 use dormouse::builder::DEFAULT_CMDLINE;
 use dormouse::snapshot::SnapshotError;
-use dormouse::{Error, ExitReason, MicroVm};
+use dormouse::{Error, ExitReason, MicroVm, VmState};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const BOOT: Duration = Duration::from_secs(600);
@@ -110,6 +112,13 @@ fn ask(session: &mut Session, tag: &str, command: &str) -> String {
     session.wait_fact(tag, MINUTE)
 }
 
+fn test_disk(dir: &Path, name: &str) -> PathBuf {
+    let src = std::env::var_os("DORMOUSE_TEST_DISK").expect("DORMOUSE_TEST_DISK");
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).unwrap();
+    dst
+}
+
 /// An initramfs with the modules, `guest_vsock`, and `script`.
 fn initrd_with_tool(dir: &Path, mods: &[&[&str]], script: &str) -> PathBuf {
     let path = guest_initrd(dir, mods, script);
@@ -148,6 +157,170 @@ fn boot(builder: dormouse::MicroVmBuilder) -> (MicroVm, Session) {
 fn power_off(mut vm: MicroVm, mut session: Session) {
     session.send("off");
     assert_eq!(vm.wait().unwrap(), ExitReason::Shutdown);
+}
+
+// ---------------------------------------------------------------------
+// 1. The block backing file returns EIO.
+
+/// `_IOR('X', 125, __u32)`: shuts an ext4 filesystem down; from then on
+/// every read, write and fsync of its files fails with EIO.
+const EXT4_IOC_SHUTDOWN: u32 = 0x8004_587d;
+/// Shut down without flushing the journal.
+const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+
+/// An ext4 image loop-mounted in the host, unmounted on drop.
+struct LoopMount(PathBuf);
+
+impl LoopMount {
+    fn new(image: &Path, at: PathBuf) -> Self {
+        // The loop driver, from the same kernel's modules (loaded or built
+        // in is fine: then insmod fails and mount works anyway).
+        let modules = std::env::var_os("DORMOUSE_GUEST_MODULES").expect("DORMOUSE_GUEST_MODULES");
+        let ko = Path::new(&modules).join("kernel/drivers/block/loop.ko");
+        let bb = std::env::var_os("DORMOUSE_GUEST_BUSYBOX").expect("DORMOUSE_GUEST_BUSYBOX");
+        let _ = Command::new(&bb).arg("insmod").arg(&ko).status();
+        std::fs::create_dir_all(&at).unwrap();
+        host_busybox(&[
+            "mount",
+            "-t",
+            "ext4",
+            "-o",
+            "loop",
+            image.to_str().unwrap(),
+            at.to_str().unwrap(),
+        ]);
+        Self(at)
+    }
+
+    /// Breaks the filesystem: every I/O on its files now fails with EIO.
+    fn shut_down(&self) {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(&self.0).unwrap();
+        let flags: u32 = EXT4_GOING_FLAGS_NOLOGFLUSH;
+        // SAFETY: EXT4_IOC_SHUTDOWN reads one u32 through the pointer,
+        // which points at `flags`, alive for the call; `dir` is open.
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_SHUTDOWN as _, &flags) };
+        assert_eq!(
+            rc,
+            0,
+            "EXT4_IOC_SHUTDOWN: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// 4 MiB with a recognisable start, for the disk that will break.
+fn pattern_disk(path: &Path) {
+    let mut data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(7) ^ (i >> 12)).to_le_bytes()[0])
+        .collect();
+    data[..11].copy_from_slice(b"vdb-pattern");
+    std::fs::write(path, data).unwrap();
+}
+
+/// The block backing file starts failing every read and write with EIO
+/// (the ext4 filesystem it lives on, loop-mounted in the host, is shut
+/// down). Documented outcome: the guest's reads and writes of that disk
+/// fail with an I/O error (the device answers `VIRTIO_BLK_S_IOERR`; the
+/// guest's dmesg logs "I/O error"), and nothing else changes: the VM keeps
+/// running, the second disk reads and writes, the guest's processes and
+/// files are as they were, and it pauses and snapshots; restored with the
+/// broken disk replaced by a good copy, the guest reads the same bytes it
+/// read before the fault.
+#[test]
+fn fault_block_backing_file_returns_eio() {
+    let _timed = start("fault_block_backing_file_returns_eio");
+    let tmp = TempDir::new("fault-eio");
+    let healthy = test_disk(&tmp.0, "healthy.ext4");
+    let fs_image = test_disk(&tmp.0, "fs.ext4");
+    let mount = LoopMount::new(&fs_image, tmp.0.join("fs"));
+    let breaking = mount.0.join("vdb.raw");
+    pattern_disk(&breaking);
+    let pristine = tmp.0.join("vdb-copy.raw");
+    std::fs::copy(&breaking, &pristine).unwrap();
+
+    let initrd = guest_initrd(
+        &tmp.0,
+        &[modules::VIRTIO_MMIO, modules::BLOCK],
+        &format!("mount -t ext4 /dev/vda /mnt\n{SESSION}"),
+    );
+    let (mut vm, mut session) = boot(
+        builder(&initrd)
+            .block(&healthy, false)
+            .block(&breaking, false),
+    );
+    session.run("echo state-before > /mnt/state.txt; sync; echo @@synced=yes");
+    session.wait_fact("synced", MINUTE);
+    let vdb_sum = "dd if=/dev/vdb bs=64k 2>/dev/null | md5sum | cut -d' ' -f1";
+    assert_eq!(
+        ask(&mut session, "magic", "head -c 11 /dev/vdb"),
+        "vdb-pattern"
+    );
+    let sum_before = ask(&mut session, "sum1", vdb_sum);
+    let before = report(&mut session, "before");
+
+    mount.shut_down();
+    session.run(
+        "echo 3 > /proc/sys/vm/drop_caches; \
+         if dd if=/dev/vdb of=/dev/null bs=4k count=16 2>/dev/null; then echo @@read=ok; else echo @@read=failed; fi",
+    );
+    assert_eq!(session.wait_fact("read", MINUTE), "failed");
+    session.run(
+        "if dd if=/dev/zero of=/dev/vdb bs=4k count=1 conv=fsync 2>/dev/null; then echo @@write=ok; else echo @@write=failed; fi",
+    );
+    assert_eq!(session.wait_fact("write", MINUTE), "failed");
+    let errors: u32 = ask(&mut session, "ioerrors", "dmesg | grep -c 'I/O error'")
+        .parse()
+        .unwrap();
+    assert!(errors > 0, "the guest logged no I/O error");
+    // The other disk, the guest's processes and memory: all there.
+    session.run(
+        "echo state-after > /mnt/after.txt; sync; echo 3 > /proc/sys/vm/drop_caches; \
+         echo @@healthy=$(cat /mnt/state.txt),$(cat /mnt/after.txt)",
+    );
+    assert_eq!(
+        session.wait_fact("healthy", MINUTE),
+        "state-before,state-after"
+    );
+    assert_same_guest(&mut session, &before, "after");
+    assert_eq!(vm.state(), VmState::Running);
+
+    vm.pause().unwrap();
+    let snap = tmp.0.join("snap");
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+    drop(mount);
+
+    // The broken disk replaced by a good copy: the same bytes as before.
+    let (mut session, input) = Session::new();
+    let restored = MicroVm::restore(&snap)
+        .block_path(0, &healthy)
+        .block_path(1, &pristine)
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .resume(true)
+        .build()
+        .unwrap();
+    session.run("echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(ask(&mut session, "sum2", vdb_sum), sum_before);
+    assert_eq!(
+        ask(
+            &mut session,
+            "files",
+            "echo $(cat /mnt/state.txt),$(cat /mnt/after.txt)"
+        ),
+        "state-before,state-after"
+    );
+    assert_same_guest(&mut session, &before, "restored");
+    power_off(restored, session);
 }
 
 // ---------------------------------------------------------------------
