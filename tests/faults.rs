@@ -7,6 +7,9 @@
 //! The outcomes, one test each:
 //! - the block backing file returns EIO: the guest's requests on that disk
 //!   fail with an I/O error, the VM and its other disk run on;
+//! - the TAP is deleted: the interface moves no more frames (one error in
+//!   the log), nothing spins, the VM runs on and a restore onto a new TAP
+//!   networks again;
 //! - the vsock host peer is SIGKILLed mid-stream: the guest's side ends,
 //!   the next connection to the port moves its bytes intact;
 //! - the VMM process is SIGKILLed while it writes a snapshot: that
@@ -24,6 +27,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::{guest_assets, guest_initrd, host_busybox, modules, Session, TempDir};
 use dormouse::builder::DEFAULT_CMDLINE;
+use dormouse::devices::virtio::net::{Tap, TapConfig};
 use dormouse::snapshot::SnapshotError;
 use dormouse::{Error, ExitReason, MicroVm, VmState};
 
@@ -319,6 +324,131 @@ fn fault_block_backing_file_returns_eio() {
         ),
         "state-before,state-after"
     );
+    assert_same_guest(&mut session, &before, "restored");
+    power_off(restored, session);
+}
+
+// ---------------------------------------------------------------------
+// 2. The TAP goes away.
+
+/// CPU time (user + system, in clock ticks) of this process's threads
+/// named `name`.
+fn thread_ticks(name: &str) -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            num(11) + num(12)
+        })
+        .sum()
+}
+
+/// The TAP is deleted from the host (`ip link delete`) while the VM runs.
+/// Documented outcome: the device logs one error and stops watching the
+/// TAP (reads end, frames the guest sends are dropped and counted); the
+/// guest's eth0 stays, its pings go unanswered; the device thread does not
+/// spin (under a third of a CPU while the guest keeps sending); the VM,
+/// its console, its disk and its processes run on, and it pauses and
+/// snapshots. Restored onto a new TAP of the same name, the guest pings
+/// the host again.
+#[test]
+fn fault_tap_deleted_while_the_vm_runs() {
+    const HOST_MAC: &str = "02:00:00:0a:ca:01";
+    const NAME: &str = "dmfault0";
+    let _timed = start("fault_tap_deleted_while_the_vm_runs");
+    let tmp = TempDir::new("fault-tap");
+    let disk = test_disk(&tmp.0, "disk.ext4");
+    let tap = common::isolated_tap(NAME, "10.202.0.1/24");
+    // The replacement TAP gets the same host MAC: the guest's ARP entry
+    // for the host stays right across the restore.
+    host_busybox(&["ip", "link", "set", "dev", NAME, "address", HOST_MAC]);
+    let initrd = guest_initrd(
+        &tmp.0,
+        &[modules::VIRTIO_MMIO, modules::BLOCK, modules::NET],
+        &format!(
+            "mount -t ext4 /dev/vda /mnt\nip addr add 10.202.0.2/24 dev eth0\nip link set eth0 up\n{SESSION}"
+        ),
+    );
+    let (mut vm, mut session) = boot(
+        builder(&initrd)
+            .block(&disk, false)
+            .net(TapConfig::Fd(tap.as_fd().try_clone_to_owned().unwrap())),
+    );
+    let ping = "if ping -c 2 -W 3 10.202.0.1 >/dev/null; then echo ok; else echo failed; fi";
+    assert_eq!(ask(&mut session, "ping1", ping), "ok");
+    session.run("echo before > /mnt/state.txt; sync; echo @@synced=yes");
+    session.wait_fact("synced", MINUTE);
+    let before = report(&mut session, "before");
+
+    drop(tap);
+    host_busybox(&["ip", "link", "delete", NAME]);
+    // The guest keeps sending while the device thread is watched.
+    let ticks_before = thread_ticks("dormouse-io");
+    let started = Instant::now();
+    assert_eq!(ask(&mut session, "ping2", ping), "failed");
+    session.run("ping -c 5 -i 0.5 -W 1 10.202.0.1 >/dev/null 2>&1; echo @@pinged=yes");
+    session.wait_fact("pinged", MINUTE);
+    let ticks = thread_ticks("dormouse-io") - ticks_before;
+    // SAFETY: sysconf takes no pointers.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    let elapsed = started.elapsed();
+    #[allow(clippy::cast_precision_loss)]
+    let cpu = ticks as f64 / hz as f64;
+    common::report(&format!(
+        "TAP deleted: device thread used {cpu:.2} s of CPU in {:.2} s",
+        elapsed.as_secs_f64()
+    ));
+    assert!(
+        cpu < elapsed.as_secs_f64() / 3.0,
+        "the device thread spun: {cpu:.2} s of CPU in {elapsed:?}"
+    );
+    // The interface stays in the guest; it just moves nothing.
+    assert_eq!(
+        ask(
+            &mut session,
+            "eth0",
+            "test -d /sys/class/net/eth0 && echo present"
+        ),
+        "present"
+    );
+    session.run("echo after > /mnt/after.txt; sync; echo 3 > /proc/sys/vm/drop_caches; echo @@disk=$(cat /mnt/state.txt),$(cat /mnt/after.txt)");
+    assert_eq!(session.wait_fact("disk", MINUTE), "before,after");
+    assert_same_guest(&mut session, &before, "after");
+    assert_eq!(vm.state(), VmState::Running);
+    vm.pause().unwrap();
+    let snap = tmp.0.join("snap");
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+
+    // A new TAP under the same name (this thread is still in the test's
+    // network namespace): the restored guest networks again.
+    let tap = Tap::open(NAME).expect("a new TAP");
+    host_busybox(&["ip", "link", "set", "dev", NAME, "address", HOST_MAC]);
+    host_busybox(&["ip", "addr", "add", "10.202.0.1/24", "dev", NAME]);
+    host_busybox(&["ip", "link", "set", NAME, "up"]);
+    let (mut session, input) = Session::new();
+    let restored = MicroVm::restore(&snap)
+        .block_path(0, &disk)
+        .tap(0, TapConfig::Fd(tap.as_fd().try_clone_to_owned().unwrap()))
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .resume(true)
+        .build()
+        .unwrap();
+    assert_eq!(ask(&mut session, "ping3", ping), "ok");
     assert_same_guest(&mut session, &before, "restored");
     power_off(restored, session);
 }
