@@ -15,6 +15,8 @@
 //! - the VMM process is SIGKILLed while it writes a snapshot: that
 //!   snapshot does not exist, restoring it is an error, the previous one
 //!   restores the guest exactly;
+//! - the memory file of a restored VM is written under it: see
+//!   [`fault_memory_file_written_under_a_restored_vm`].
 //!
 //! ENOSPC in the middle of a full snapshot and of a diff is
 //! tests/snapshot_enospc.rs.
@@ -770,5 +772,100 @@ fn fault_vmm_killed_during_a_snapshot_write() {
         "0"
     );
     assert_same_guest(&mut session, &facts, "restored");
+    power_off(restored, session);
+}
+
+// ---------------------------------------------------------------------
+// 5. The memory file changes under a restored VM.
+
+/// The offsets of the pages of `file` that hold nothing but `byte`.
+fn pages_of(file: &std::fs::File, byte: u8) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let len = file.metadata().unwrap().len();
+    let mut at = 0u64;
+    while at < len {
+        let n = usize::try_from((len - at).min(buf.len() as u64)).unwrap();
+        file.read_exact_at(&mut buf[..n], at).unwrap();
+        for (i, page) in buf[..n].chunks_exact(4096).enumerate() {
+            if page.iter().all(|&b| b == byte) {
+                found.push(at + i as u64 * 4096);
+            }
+        }
+        at += n as u64;
+    }
+    found
+}
+
+/// The memory file of a restored VM is written in place while the VM
+/// runs. What happens: the file is mapped `MAP_PRIVATE`, so a page the
+/// guest has not touched since the restore reads the file's new bytes (a
+/// tmpfs file's page, full of `Q` at the snapshot, reads all `R` once the
+/// host rewrote that page of the memory file). Detected: the restore
+/// records each memory file's size and modification time, and
+/// `check_memory_files()` and every snapshot after the change fail with
+/// `SnapshotError::MemoryFileChanged` naming the file (nothing is
+/// written), while the VM itself runs on, its other state as it was.
+#[test]
+fn fault_memory_file_written_under_a_restored_vm() {
+    use std::os::unix::fs::FileExt;
+    let _timed = start("fault_memory_file_written_under_a_restored_vm");
+    let tmp = TempDir::new("fault-memfile");
+    let initrd = guest_initrd(&tmp.0, &[], SESSION);
+    let (mut vm, mut session) = boot(builder(&initrd));
+    // A page of 'Q' in tmpfs; the command itself holds a single Q (and no
+    // backslash, which the console loop's `read` would eat).
+    session.run(
+        "printf %4096s | tr ' ' Q > /tmp/q; echo @@q=$(wc -c < /tmp/q),$(tr -d Q < /tmp/q | wc -c)",
+    );
+    assert_eq!(session.wait_fact("q", MINUTE), "4096,0");
+    let before = report(&mut session, "before");
+    vm.pause().unwrap();
+    let snap = tmp.0.join("snap");
+    vm.snapshot(&snap).unwrap();
+    drop(vm);
+
+    let (mut session, input) = Session::new();
+    let mut restored = MicroVm::restore(&snap)
+        .serial_output(session.console.clone())
+        .serial_input(input)
+        .build()
+        .unwrap();
+    restored.check_memory_files().unwrap();
+    // Before the guest runs: every page of 'Q' in the file (the tmpfs page
+    // and freed copies of it) becomes 'R', with a later modification time.
+    std::thread::sleep(Duration::from_millis(1100));
+    let path = snap.join(dormouse::snapshot::MEMORY_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let pages = pages_of(&file, b'Q');
+    assert!(!pages.is_empty(), "no page of Q in the memory file");
+    for &at in &pages {
+        file.write_all_at(&[b'R'; 4096], at).unwrap();
+    }
+    restored.resume().unwrap();
+    // The guest reads the new bytes: its file changed behind its back.
+    assert_eq!(
+        ask(&mut session, "q_after", "tr -d R < /tmp/q | wc -c"),
+        "0"
+    );
+    assert_same_guest(&mut session, &before, "after");
+    match restored.check_memory_files() {
+        Err(SnapshotError::MemoryFileChanged(p)) => assert_eq!(p, path),
+        other => panic!("the change went unseen: {other:?}"),
+    }
+    restored.pause().unwrap();
+    let again = tmp.0.join("again");
+    match restored.snapshot(&again) {
+        Err(Error::Snapshot(SnapshotError::MemoryFileChanged(p))) => assert_eq!(p, path),
+        other => panic!("a snapshot of changed memory: {other:?}"),
+    }
+    assert!(!again.exists());
+    restored.resume().unwrap();
+    assert_same_guest(&mut session, &before, "resumed");
     power_off(restored, session);
 }
