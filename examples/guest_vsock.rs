@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! guest_vsock echo-server PORT                 echo every connection, forever
+//! guest_vsock echo-report PORT                 the same, and print how each
+//!                                              connection ended
 //! guest_vsock send CID PORT BYTES [N] [PAR]    N rounds (default 1) of PAR
 //!                                              parallel connections (default
 //!                                              1), each sending BYTES and
@@ -40,6 +42,10 @@
 //! - `sum NAME` -> `sum=<hex> len=<n>` (or `missing`): drops NAME's cached
 //!   pages, then reads it back from the disk and checksums it;
 //! - anything else -> `error unknown request`.
+//!
+//! `echo-report` prints `@@vsock_end_<n>=<bytes echoed> <how>` when its n-th
+//! connection (from 1) ends: `how` is `eof` (the peer closed or reset it,
+//! read returned 0) or `error:<errno>` (a read or write failed).
 //!
 //! `send` prints `@@vsock=ok <connections> <bytes>` when every echo matched;
 //! `write` prints `@@vsock_written=<bytes>` once it closed the connection;
@@ -98,7 +104,25 @@ fn connect(cid: u32, port: u32) -> io::Result<std::fs::File> {
     Ok(std::fs::File::from(fd))
 }
 
-fn echo_server(port: u32) -> io::Result<()> {
+/// Echoes one connection; returns the bytes echoed and how it ended.
+fn echo(mut stream: std::fs::File) -> (u64, String) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut echoed = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (echoed, "eof".to_string()),
+            Ok(n) => {
+                if let Err(e) = stream.write_all(&buf[..n]) {
+                    return (echoed, format!("error:{}", e.raw_os_error().unwrap_or(0)));
+                }
+                echoed += n as u64;
+            }
+            Err(e) => return (echoed, format!("error:{}", e.raw_os_error().unwrap_or(0))),
+        }
+    }
+}
+
+fn echo_server(port: u32, report: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = vsock_socket()?;
     let addr = address(libc::VMADDR_CID_ANY, port);
@@ -107,6 +131,7 @@ fn echo_server(port: u32) -> io::Result<()> {
     // SAFETY: listen(2) takes no pointers.
     check(unsafe { libc::listen(fd.as_raw_fd(), 64) })?;
     println!("@@vsock_listening={port}");
+    let mut accepted = 0u64;
     loop {
         // SAFETY: null address arguments are allowed by accept(2).
         let conn =
@@ -115,18 +140,13 @@ fn echo_server(port: u32) -> io::Result<()> {
             continue;
         }
         // SAFETY: `conn` is a fresh descriptor that nothing else owns.
-        let mut stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
+        let stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
+        accepted += 1;
+        let n = accepted;
         thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if stream.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
+            let (bytes, how) = echo(stream);
+            if report {
+                println!("@@vsock_end_{n}={bytes} {how}");
             }
         });
     }
@@ -386,7 +406,8 @@ fn main() -> ExitCode {
     };
     let port = u32::try_from(num(1, 0)).unwrap_or(0);
     let result = match args.first().map(String::as_str) {
-        Some("echo-server") => echo_server(port),
+        Some("echo-server") => echo_server(port, false),
+        Some("echo-report") => echo_server(port, true),
         Some("serve") => serve(
             port,
             args.get(2).map_or("/mnt", String::as_str),
@@ -416,9 +437,9 @@ fn main() -> ExitCode {
             }
         }
         _ => Err(io::Error::other(
-            "usage: guest_vsock echo-server PORT | send CID PORT BYTES [ROUNDS] [PARALLEL] \
-             | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT]] | notify CID PORT \
-             | hostile SECONDS SEED",
+            "usage: guest_vsock echo-server PORT | echo-report PORT | send CID PORT BYTES [ROUNDS] \
+             [PARALLEL] | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT]] \
+             | notify CID PORT | hostile SECONDS SEED",
         )),
     };
     match result {

@@ -9,7 +9,9 @@
 //! - `memory`: raw guest RAM, page-aligned, which a restore maps
 //!   (`MAP_PRIVATE`) rather than reads. It must not change while a VM
 //!   restored from it runs: pages not yet touched are read from the file
-//!   on first access. A full snapshot writes it sparse: pages without
+//!   on first access. A change in place (a write or truncation, which
+//!   moves the file's size or modification time) is detected at the next
+//!   snapshot, which then refuses ([`SnapshotError::MemoryFileChanged`]). A full snapshot writes it sparse: pages without
 //!   data are holes, which read as zeros (`sparse`).
 //!
 //! Writing is crash-safe: files go into a temporary directory next to the
@@ -73,6 +75,15 @@ pub enum SnapshotError {
         #[source]
         source: io::Error,
     },
+    /// A memory file the VM was restored from was written or truncated in
+    /// place while the VM ran ([`crate::MicroVm::check_memory_files`]).
+    #[error(
+        "{0} was written or truncated while a VM restored from it ran: guest pages the VM had not \
+         touched yet now read bytes the snapshot never held, so its memory is not snapshotted; \
+         restore it again from an intact copy (a snapshot's files must not change while a VM \
+         restored from them runs)"
+    )]
+    MemoryFileChanged(PathBuf),
     /// A file of the snapshot is missing.
     #[error("{0} does not exist: is this a dormouse snapshot directory?")]
     MissingFile(PathBuf),

@@ -30,6 +30,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
@@ -58,6 +59,33 @@ struct SourceLayer {
     /// Per memory region, the page runs `(first, count)` this file backs
     /// (a diff's); `None` for the chain's base, which backs every page.
     runs: Option<Vec<Vec<(u64, u64)>>>,
+    /// Where it was opened, for errors.
+    path: PathBuf,
+    /// Its size and modification time when the VM was restored (`None`
+    /// if it could not be read then).
+    seen: Option<Fingerprint>,
+}
+
+/// What changes when a file's bytes are written or it is truncated: its
+/// size and modification time (not its change time, which an unlink or a
+/// rename of the file also moves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Fingerprint {
+    fn of(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
 }
 
 /// Which memory file backs which guest page of a VM restored from a
@@ -78,16 +106,33 @@ impl MemorySource {
     // Only aarch64 hosts restore VMs.
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     pub(crate) fn of_chain(
-        layers: impl IntoIterator<Item = (File, Option<Vec<Vec<(u64, u64)>>>)>,
+        layers: impl IntoIterator<Item = (File, PathBuf, Option<Vec<Vec<(u64, u64)>>>)>,
         regions: Vec<MemoryRegionState>,
     ) -> Self {
         Self {
             regions,
             layers: layers
                 .into_iter()
-                .map(|(file, runs)| SourceLayer { file, runs })
+                .map(|(file, path, runs)| SourceLayer {
+                    seen: Fingerprint::of(&file).ok(),
+                    file,
+                    runs,
+                    path,
+                })
                 .collect(),
         }
+    }
+
+    /// The first memory file whose size or modification time is not what
+    /// it was at the restore (one `fstat` per file): written or truncated
+    /// in place since, so guest pages not yet touched may read bytes the
+    /// snapshot never held. A file replaced by a new one (a rename over
+    /// it) is not changed: the VM keeps the one it opened.
+    pub(crate) fn changed_file(&self) -> Option<&Path> {
+        self.layers
+            .iter()
+            .find(|l| l.seen.is_none() || Fingerprint::of(&l.file).ok() != l.seen)
+            .map(|l| l.path.as_path())
     }
 
     /// Where the bytes of pages `[first, first + count)` of memory region
@@ -718,8 +763,9 @@ mod tests {
 
     /// A base file with data in pages 3 and 4 (holes elsewhere), and a
     /// diff file holding pages 4, 8 and 9, mapped as a restore maps them.
-    fn restored() -> (GuestMemoryMmap, MemorySource, Vec<std::path::PathBuf>) {
-        let (base_path, base) = temp_file("base");
+    /// File names start with `tag`: tests run in parallel.
+    fn restored(tag: &str) -> (GuestMemoryMmap, MemorySource, Vec<std::path::PathBuf>) {
+        let (base_path, base) = temp_file(&format!("{tag}-base"));
         base.set_len(PAGES * PAGE_SIZE).unwrap();
         for page in [3u64, 4] {
             base.write_all_at(
@@ -728,7 +774,7 @@ mod tests {
             )
             .unwrap();
         }
-        let (diff_path, diff) = temp_file("diff");
+        let (diff_path, diff) = temp_file(&format!("{tag}-diff"));
         diff.set_len(PAGES * PAGE_SIZE).unwrap();
         let runs = vec![(4u64, 1u64), (8, 2)];
         for page in [4u64, 8, 9] {
@@ -765,13 +811,19 @@ mod tests {
             assert_eq!(mapped, addr.cast());
         }
         let memory = GuestMemoryMmap::from_regions(vec![region]).unwrap();
-        let source = MemorySource::of_chain([(base, None), (diff, Some(vec![runs]))], layout());
+        let source = MemorySource::of_chain(
+            [
+                (base, base_path.clone(), None),
+                (diff, diff_path.clone(), Some(vec![runs])),
+            ],
+            layout(),
+        );
         (memory, source, vec![base_path, diff_path])
     }
 
     #[test]
     fn a_restored_vms_snapshot_takes_unwritten_pages_from_its_files() {
-        let (memory, source, paths) = restored();
+        let (memory, source, paths) = restored("written");
         // The guest writes a page of the diff and one of a base hole, and
         // reads a page of the base.
         memory.write_slice(&[0xee; PAGE], page_addr(9)).unwrap();
@@ -795,6 +847,43 @@ mod tests {
         assert!(!resident(&memory, 4) && !resident(&memory, 8) && !resident(&memory, 40));
         assert_same(&memory, &file);
         std::fs::remove_file(path).unwrap();
+        for p in paths {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_memory_file_written_in_place_is_detected_and_one_renamed_over_is_not() {
+        let (_memory, source, paths) = restored("renamed");
+        assert_eq!(source.changed_file(), None);
+        // A new file renamed over the diff's path (a chain merge swapping
+        // directories does this): the VM keeps the one it opened.
+        let (new_path, new) = temp_file("new-diff");
+        new.write_all_at(&[0xee; PAGE], 0).unwrap();
+        std::fs::rename(&new_path, &paths[1]).unwrap();
+        assert_eq!(source.changed_file(), None);
+        // The base written in place, a second later (coarse timestamps).
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let base = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&paths[0])
+            .unwrap();
+        base.write_all_at(&[0x11; PAGE], 3 * PAGE_SIZE).unwrap();
+        assert_eq!(source.changed_file(), Some(paths[0].as_path()));
+        for p in paths {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_truncated_memory_file_is_detected() {
+        let (_memory, source, paths) = restored("truncated");
+        let diff = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&paths[1])
+            .unwrap();
+        diff.set_len(PAGE_SIZE).unwrap();
+        assert_eq!(source.changed_file(), Some(paths[1].as_path()));
         for p in paths {
             std::fs::remove_file(p).unwrap();
         }

@@ -122,6 +122,7 @@ impl MicroVm {
         if !matches!(self.state(), crate::VmState::Paused) {
             return Err(SnapshotError::NotPaused.into());
         }
+        self.check_memory_files()?;
         let start = std::time::Instant::now();
         let mut state = self.save_state()?;
         let id = SnapshotId::new().map_err(Error::Host)?;
@@ -181,6 +182,7 @@ impl MicroVm {
         if !matches!(self.state(), crate::VmState::Paused) {
             return Err(SnapshotError::NotPaused.into());
         }
+        self.check_memory_files()?;
         let parent = self.diff_parent()?;
         let start = std::time::Instant::now();
         let mut state = self.save_state()?;
@@ -254,6 +256,7 @@ impl MicroVm {
         if !matches!(self.state(), crate::VmState::Running) {
             return Err(self.not_runnable());
         }
+        self.check_memory_files()?;
         let parent = self.diff_parent()?;
         let start = std::time::Instant::now();
         let mut staged = super::Staged::new(dir.as_ref())?;
@@ -406,6 +409,22 @@ impl MicroVm {
     /// usable working set).
     pub fn wait_for_prefetch(&mut self) -> Option<u64> {
         self.working_set.prefetcher.take().map(|p| p.wait())
+    }
+
+    /// Checks that the memory files this VM was restored from are as they
+    /// were at the restore (same size and modification time; one `fstat`
+    /// per file). They are mapped `MAP_PRIVATE`: a page the guest has not
+    /// touched since the restore reads whatever the file holds now, so a
+    /// file written in place under the VM changes guest memory behind the
+    /// guest's back. Every snapshot checks this first and refuses
+    /// ([`SnapshotError::MemoryFileChanged`]) rather than save such memory.
+    /// A VM that was not restored has no memory file: always `Ok`.
+    pub fn check_memory_files(&self) -> Result<(), SnapshotError> {
+        let changed = self.memory_source.as_ref().and_then(|s| s.changed_file());
+        match changed {
+            Some(path) => Err(SnapshotError::MemoryFileChanged(path.to_path_buf())),
+            None => Ok(()),
+        }
     }
 
     /// Starts restoring the snapshot in `dir`; see [`Restore`].
@@ -1205,8 +1224,13 @@ mod aarch64 {
         };
         let mut vm = assemble(core, devices, config, threads)?;
         // What a full snapshot takes the pages the guest has not written from.
-        let files = layers.into_iter().map(|l| (l.memory, l.state.diff));
-        let files = files.chain([(newest.memory, state.diff.clone())]);
+        // Each with its path, for the error if it changes under the VM.
+        let newest_path = newest.dir.join(super::super::MEMORY_FILE);
+        let files = layers.into_iter().map(|l| {
+            let path = l.dir.join(super::super::MEMORY_FILE);
+            (l.memory, path, l.state.diff)
+        });
+        let files = files.chain([(newest.memory, newest_path, state.diff.clone())]);
         vm.memory_source = Some(MemorySource::of_chain(files, state.memory.clone()));
         vm.snapshot_id = Some(state.id);
         phases.mark("assemble");

@@ -1449,8 +1449,12 @@ mod tests {
         let range = HostRange { addr, len };
         let source = super::super::sparse::MemorySource::of_chain(
             [
-                (base.try_clone().unwrap(), None),
-                (diff.try_clone().unwrap(), Some(vec![diff_runs.clone()])),
+                (base.try_clone().unwrap(), PathBuf::from("base"), None),
+                (
+                    diff.try_clone().unwrap(),
+                    PathBuf::from("diff"),
+                    Some(vec![diff_runs.clone()]),
+                ),
             ],
             vec![super::super::MemoryRegionState {
                 guest_addr: 0,

@@ -56,6 +56,8 @@ const GUEST_MODULES: &[&str] = &[
     "kernel/net/core/failover.ko",
     "kernel/net/vmw_vsock",
     "kernel/drivers/net/tun.ko",
+    // The host side of tests/faults.rs: a loop-mounted ext4 it can break.
+    "kernel/drivers/block/loop.ko",
 ];
 
 /// Paths of everything `setup` provides.
@@ -339,6 +341,8 @@ fn ensure_assets(apt: &mut Apt) -> Result<Rig> {
     }
     if !kernel_ready {
         fetch_kernel(apt, &rig)?;
+    } else {
+        add_new_guest_modules(&rig)?;
     }
     if !rig.busybox.is_file() {
         fetch_busybox(apt, &rig)?;
@@ -634,6 +638,30 @@ fn decompress_modules(dir: &Path) -> Result<()> {
                 util::status_text(status)
             );
         }
+    }
+    Ok(())
+}
+
+/// Copies modules added to [`GUEST_MODULES`] since the cache was made from
+/// the host's cached modules tree (no download): an older cache gets them.
+fn add_new_guest_modules(rig: &Rig) -> Result<()> {
+    let Some(version_dir) = std::fs::read_dir(&rig.host_modules)
+        .context(|| format!("cannot list {}", rig.host_modules.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+    else {
+        return Ok(());
+    };
+    let missing = GUEST_MODULES
+        .iter()
+        .any(|rel| version_dir.join(rel).exists() && !rig.guest_modules.join(rel).exists());
+    if missing {
+        let copied = copy_guest_modules(&version_dir, &rig.guest_modules)?;
+        util::say(format!(
+            "setup: {copied} guest modules refreshed in {}",
+            rig.guest_modules.display()
+        ));
     }
     Ok(())
 }
