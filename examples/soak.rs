@@ -125,7 +125,9 @@ impl Proc {
                     .and_then(|a| u64::from_str_radix(a, 16).ok())
                     .unwrap_or(0);
                 let path = words.nth(4).unwrap_or("");
-                in_guest = Path::new(path).file_name().is_some_and(|n| n == MEMORY_FILE)
+                in_guest = Path::new(path)
+                    .file_name()
+                    .is_some_and(|n| n == MEMORY_FILE)
                     || ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&start));
             } else if first == "Rss:" && in_guest {
                 guest_kb += words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
@@ -390,11 +392,21 @@ fn last_beat(console: &Console) -> u64 {
 
 /// Pause, snapshot into `dir`, drop, restore from it, resume: the hostile
 /// VM's suspend and resume.
-fn cycle_hostile(vm: MicroVm, dir: &Path, console: &Console, tap: &dormouse::devices::virtio::net::Tap) -> MicroVm {
+fn cycle_hostile(
+    vm: MicroVm,
+    dir: &Path,
+    console: &Console,
+    tap: &dormouse::devices::virtio::net::Tap,
+) -> MicroVm {
     use std::os::fd::AsFd;
     let mut vm = vm;
     vm.pause_within(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("pausing the hostile VM: {e}; its console:\n{}", console.text()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "pausing the hostile VM: {e}; its console:\n{}",
+                console.text()
+            )
+        });
     vm.snapshot(dir).expect("snapshotting the hostile VM");
     drop(vm);
     MicroVm::restore(dir)
@@ -402,7 +414,9 @@ fn cycle_hostile(vm: MicroVm, dir: &Path, console: &Console, tap: &dormouse::dev
         .tap(
             0,
             dormouse::devices::virtio::net::TapConfig::Fd(
-                tap.as_fd().try_clone_to_owned().expect("duplicating the TAP fd"),
+                tap.as_fd()
+                    .try_clone_to_owned()
+                    .expect("duplicating the TAP fd"),
             ),
         )
         .vsock_uds(dir.join("v.sock"))
@@ -442,12 +456,18 @@ fn hostile(seconds: u64) -> String {
         // CMA reserve and the initramfs: it runs out of memory at boot.
         .memory_mib(256)
         .kernel(guest_assets().kernel)
-        .initrd(common::session::tool_initrd(&hdir, &[], &hostile_init(seconds)))
+        .initrd(common::session::tool_initrd(
+            &hdir,
+            &[],
+            &hostile_init(seconds),
+        ))
         .cmdline(format!("{DEFAULT_CMDLINE} quiet"))
         .serial_output(console.clone())
         .block(&disk, false)
         .net(TapConfig::Fd(
-            tap.as_fd().try_clone_to_owned().expect("duplicating the TAP fd"),
+            tap.as_fd()
+                .try_clone_to_owned()
+                .expect("duplicating the TAP fd"),
         ))
         .vsock(4, hdir.join("v.sock"))
         .build()
@@ -515,9 +535,9 @@ fn hostile(seconds: u64) -> String {
     let storm = common::fact(&console.text(), "storm");
     for id in ["1", "2", "19"] {
         assert!(
-            storm
-                .split_whitespace()
-                .any(|w| w.strip_prefix("devices=").is_some_and(|d| d.split(',').any(|x| x == id))),
+            storm.split_whitespace().any(|w| w
+                .strip_prefix("devices=")
+                .is_some_and(|d| d.split(',').any(|x| x == id))),
             "the hostile program did not reach device type {id}: {storm}"
         );
     }
@@ -525,7 +545,11 @@ fn hostile(seconds: u64) -> String {
     let beat = {
         let deadline = Instant::now() + Duration::from_secs(300);
         while last_beat(&console) < 2 {
-            assert!(Instant::now() < deadline, "no heartbeat after the storm:\n{}", console.text());
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat after the storm:\n{}",
+                console.text()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         last_beat(&console)
@@ -534,7 +558,11 @@ fn hostile(seconds: u64) -> String {
     let vm = cycle_hostile(vm, &tmp.0.join("end"), &console, &tap);
     let deadline = Instant::now() + Duration::from_secs(300);
     while last_beat(&console) <= beat {
-        assert!(Instant::now() < deadline, "no heartbeat after the restore:\n{}", console.text());
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat after the restore:\n{}",
+            console.text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(vm);

@@ -129,3 +129,28 @@ fn a_restore_takes_its_own_policy() {
     assert_eq!(violation(&mut filtered).thread, ThreadKind::Vcpu);
     assert_eq!(filtered.injected_syscall_errno(), Some(libc::EPERM));
 }
+
+/// A console input that ends at once (here /dev/null) makes the console
+/// input thread close it. In debug builds std checks the fd with
+/// `fcntl(F_GETFD)` before closing it: the thread's filter allows that, so
+/// the VM keeps running and still pauses and resumes. (Found by the fault
+/// tests: before, the VM failed with a violation of call 25.)
+#[test]
+fn a_console_input_at_its_end_does_not_trip_the_filter() {
+    let mut vm = MicroVm::builder()
+        .memory_mib(64)
+        .serial_output(Console::default())
+        .serial_input(std::fs::File::open("/dev/null").unwrap())
+        .payload(code(SPIN), DRAM_START)
+        .build()
+        .expect("building the VM");
+    vm.start().unwrap();
+    assert!(
+        vm.wait_timeout(Duration::from_secs(5)).unwrap().is_none(),
+        "the VM stopped"
+    );
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    assert!(vm.wait_timeout(Duration::from_secs(1)).unwrap().is_none());
+    vm.pause().unwrap();
+}

@@ -78,7 +78,9 @@ unsafe impl Send for Window {}
 
 impl Window {
     fn read(&self, offset: u64, width: u64) -> u64 {
-        let p = self.0.wrapping_add(usize::try_from(offset & (SLOT - 1)).unwrap_or(0));
+        let p = self
+            .0
+            .wrapping_add(usize::try_from(offset & (SLOT - 1)).unwrap_or(0));
         // SAFETY: `p` lies inside the 4 KiB device mapping (offset masked
         // to the slot) and is aligned to `width` by the callers' masks;
         // reading MMIO has no effect on this program's memory.
@@ -94,7 +96,9 @@ impl Window {
 
     #[allow(clippy::cast_possible_truncation)] // Each width keeps its low bytes.
     fn write(&self, offset: u64, width: u64, value: u64) {
-        let p = self.0.wrapping_add(usize::try_from(offset & (SLOT - 1)).unwrap_or(0));
+        let p = self
+            .0
+            .wrapping_add(usize::try_from(offset & (SLOT - 1)).unwrap_or(0));
         // SAFETY: as in `read`; writing MMIO changes the device, never this
         // program's memory.
         unsafe {
@@ -309,10 +313,18 @@ impl Driver {
         for sel in 0..2 {
             self.win.w32(DEVICE_FEATURES_SEL, sel);
             let offered = self.win.r32(DEVICE_FEATURES);
-            let want = if rng.chance(20) { rng.u32() } else { offered & (rng.u32() | 1) };
+            let want = if rng.chance(20) {
+                rng.u32()
+            } else {
+                offered & (rng.u32() | 1)
+            };
             self.win.w32(DRIVER_FEATURES_SEL, sel);
             // VIRTIO_F_VERSION_1 (bit 32) is needed to get anywhere, mostly.
-            let want = if sel == 1 && rng.chance(90) { want | 1 } else { want };
+            let want = if sel == 1 && rng.chance(90) {
+                want | 1
+            } else {
+                want
+            };
             self.win.w32(DRIVER_FEATURES, want);
         }
         self.win.w32(STATUS, 1 | 2 | 8);
@@ -358,7 +370,11 @@ impl Driver {
                 avail_idx: 0,
             });
         }
-        let status = if self.rng.chance(95) { 1 | 2 | 4 | 8 } else { self.rng.u32() & 0xff };
+        let status = if self.rng.chance(95) {
+            1 | 2 | 4 | 8
+        } else {
+            self.rng.u32() & 0xff
+        };
         self.win.w32(STATUS, status);
     }
 
@@ -376,7 +392,11 @@ impl Driver {
             // port of the host.
             (19, 1) => {
                 let page = self.pages.page(data);
-                let op = if rng.chance(70) { 1 } else { u16::try_from(rng.below(8)).unwrap_or(0) };
+                let op = if rng.chance(70) {
+                    1
+                } else {
+                    u16::try_from(rng.below(8)).unwrap_or(0)
+                };
                 let len = if op == 5 { rng.below(2048) } else { 0 };
                 page[0..8].copy_from_slice(&3u64.to_le_bytes());
                 page[8..16].copy_from_slice(&2u64.to_le_bytes());
@@ -405,7 +425,11 @@ impl Driver {
             (2, 0) => {
                 let types = [0u32, 1, 4, 8, 11, 13, rng.u32()];
                 let kind = types[rng.below(types.len() as u64) as usize];
-                let sector = if rng.chance(80) { rng.below(65536) } else { rng.next() };
+                let sector = if rng.chance(80) {
+                    rng.below(65536)
+                } else {
+                    rng.next()
+                };
                 let page = self.pages.page(data);
                 page[0..4].copy_from_slice(&kind.to_le_bytes());
                 page[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -415,7 +439,11 @@ impl Driver {
                 }
                 let (buf, len) = self.pages.writable(&mut self.rng);
                 let write = if kind == 0 || kind == 8 { 2 } else { 0 };
-                let (buf, len) = if write == 0 { (data_phys + 16, 16 + (len & 0xe00)) } else { (buf, len) };
+                let (buf, len) = if write == 0 {
+                    (data_phys + 16, 16 + (len & 0xe00))
+                } else {
+                    (buf, len)
+                };
                 let (status, _) = self.pages.writable(&mut self.rng);
                 table.push((at(0), desc(data_phys, 16, 1, at(1))));
                 table.push((at(1), desc(buf, len, 1 | write, at(2))));
@@ -483,7 +511,11 @@ impl Driver {
             self.queues[q].avail_idx = idx;
             self.counts.requests += heads.len() as u64;
         }
-        let which = if self.rng.chance(95) { q as u32 } else { self.rng.u32() };
+        let which = if self.rng.chance(95) {
+            q as u32
+        } else {
+            self.rng.u32()
+        };
         self.win.w32(QUEUE_NOTIFY, which);
         let pending = self.win.r32(INTERRUPT_STATUS);
         self.win.w32(INTERRUPT_ACK, pending);
@@ -600,7 +632,9 @@ pub fn run(seconds: u64, seed: u64) -> io::Result<()> {
         }
     }
     for t in threads {
-        let c = t.join().map_err(|_| io::Error::other("a device thread panicked"))?;
+        let c = t
+            .join()
+            .map_err(|_| io::Error::other("a device thread panicked"))?;
         total.accesses += c.accesses;
         total.requests += c.requests;
         total.resets += c.resets;

@@ -126,16 +126,21 @@ pub fn restricted_syscalls(kind: ThreadKind) -> Vec<(&'static str, &'static str)
         ("mprotect", "without PROT_EXEC"),
     ];
     match kind {
-        ThreadKind::Vcpu => out.push(("ioctl", "KVM_RUN, KVM_RESET_DIRTY_RINGS")),
+        ThreadKind::Vcpu => {
+            out.push(("ioctl", "KVM_RUN, KVM_RESET_DIRTY_RINGS"));
+            out.push(("fcntl", "F_GETFD"));
+        }
         ThreadKind::DeviceIo => {
             out.push(("ioctl", "FIONBIO"));
             out.push(("socket", "AF_UNIX"));
             out.push(("fcntl", "F_GETFD, F_SETFD, F_GETFL, F_SETFL"));
         }
-        ThreadKind::ConsoleInput
-        | ThreadKind::ConsoleOutput
-        | ThreadKind::Memory
-        | ThreadKind::Session => {}
+        // Debug builds of std check that an fd is open before closing it
+        // (fcntl F_GETFD): any thread that drops a file needs it.
+        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput | ThreadKind::Memory => {
+            out.push(("fcntl", "F_GETFD"));
+        }
+        ThreadKind::Session => {}
     }
     out
 }
@@ -255,6 +260,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
                 number("ioctl")?,
                 any_of(1, &[KVM_RUN, KVM_RESET_DIRTY_RINGS])?,
             );
+            rules.insert(number("fcntl")?, any_of(1, &[as_u64(libc::F_GETFD)])?);
         }
         ThreadKind::DeviceIo => {
             rules.insert(number("ioctl")?, any_of(1, &[FIONBIO])?);
@@ -262,10 +268,11 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
             let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL];
             rules.insert(number("fcntl")?, any_of(1, &fcntl.map(as_u64))?);
         }
-        ThreadKind::ConsoleInput
-        | ThreadKind::ConsoleOutput
-        | ThreadKind::Memory
-        | ThreadKind::Session => {}
+        // See restricted_syscalls: std's debug-build check before close.
+        ThreadKind::ConsoleInput | ThreadKind::ConsoleOutput | ThreadKind::Memory => {
+            rules.insert(number("fcntl")?, any_of(1, &[as_u64(libc::F_GETFD)])?);
+        }
+        ThreadKind::Session => {}
     }
     Ok(rules)
 }
