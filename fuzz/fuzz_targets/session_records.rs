@@ -18,12 +18,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use dormouse::arch::aarch64::state::{GicState, GicVcpuState, IccState, VcpuState};
-use dormouse::devices::serial::SerialSnapshot;
 use dormouse::session::fuzzing::{read_session_record, write_image_manifest, write_session_record};
 use dormouse::session::{Image, IMAGE_FORMAT, IMAGE_MANIFEST, IMAGE_SNAPSHOT, SESSION_FORMAT};
-use dormouse::snapshot::{format, write_dir, MemoryRegionState, SavedConfig, SnapshotId, VmState};
-use dormouse::DRAM_START;
+use dormouse::snapshot::{format, write_dir, SnapshotId, VmState};
 use libfuzzer_sys::{fuzz_target, Corpus};
 
 const MEM: u64 = 0x1_0000;
@@ -41,53 +38,7 @@ struct Fixture {
 }
 
 fn full_state() -> VmState {
-    VmState {
-        id: SNAPSHOT_ID,
-        parent: None,
-        diff: None,
-        config: SavedConfig {
-            memory_size: MEM,
-            vcpus: 1,
-            rtc: false,
-            dirty_tracking: false,
-            dirty_ring: false,
-            devices: Vec::new(),
-        },
-        memory: vec![MemoryRegionState {
-            guest_addr: DRAM_START.0,
-            size: MEM,
-            file_offset: 0,
-        }],
-        vcpus: vec![VcpuState {
-            mpidr: 0x8000_0000,
-            mp_state: 0,
-            regs: Vec::new(),
-        }],
-        gic: GicState {
-            dist: Vec::new(),
-            vcpus: vec![GicVcpuState {
-                redist: Vec::new(),
-                icc: IccState {
-                    main: Vec::new(),
-                    active_priorities: Vec::new(),
-                },
-            }],
-        },
-        serial: SerialSnapshot {
-            baud_divisor: [0; 2],
-            interrupt_enable: 0,
-            interrupt_identification: 1,
-            line_control: 0,
-            line_status: 0x60,
-            modem_control: 0,
-            modem_status: 0,
-            scratch: 0,
-            in_buffer: Vec::new(),
-        },
-        rtc: None,
-        virtio: Vec::new(),
-        vmgenid: None,
-    }
+    dormouse_fuzz::fixture::minimal_state(SNAPSHOT_ID, MEM, false)
 }
 
 fn fixture() -> &'static Fixture {

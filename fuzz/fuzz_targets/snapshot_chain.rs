@@ -14,13 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use dormouse::arch::aarch64::state::{GicState, GicVcpuState, IccState, VcpuState};
-use dormouse::devices::serial::SerialSnapshot;
-use dormouse::snapshot::{
-    format, merge, read_chain, write_dir, MemoryRegionState, SavedConfig, SnapshotId, VmState,
-    MEMORY_FILE,
-};
-use dormouse::DRAM_START;
+use dormouse::snapshot::{format, merge, read_chain, write_dir, SnapshotId, VmState, MEMORY_FILE};
 use dormouse_fuzz::input::Input;
 use libfuzzer_sys::{fuzz_target, Corpus};
 
@@ -35,51 +29,9 @@ fn root() -> &'static PathBuf {
 
 fn state(id: u8, parent: Option<u8>, runs: Option<Vec<(u64, u64)>>) -> VmState {
     VmState {
-        id: SnapshotId([id; 16]),
         parent: parent.map(|p| SnapshotId([p; 16])),
         diff: runs.map(|r| vec![r]),
-        config: SavedConfig {
-            memory_size: MEM,
-            vcpus: 1,
-            rtc: false,
-            dirty_tracking: true,
-            dirty_ring: false,
-            devices: Vec::new(),
-        },
-        memory: vec![MemoryRegionState {
-            guest_addr: DRAM_START.0,
-            size: MEM,
-            file_offset: 0,
-        }],
-        vcpus: vec![VcpuState {
-            mpidr: 0x8000_0000,
-            mp_state: 0,
-            regs: Vec::new(),
-        }],
-        gic: GicState {
-            dist: Vec::new(),
-            vcpus: vec![GicVcpuState {
-                redist: Vec::new(),
-                icc: IccState {
-                    main: Vec::new(),
-                    active_priorities: Vec::new(),
-                },
-            }],
-        },
-        serial: SerialSnapshot {
-            baud_divisor: [0; 2],
-            interrupt_enable: 0,
-            interrupt_identification: 1,
-            line_control: 0,
-            line_status: 0x60,
-            modem_control: 0,
-            modem_status: 0,
-            scratch: 0,
-            in_buffer: Vec::new(),
-        },
-        rtc: None,
-        virtio: Vec::new(),
-        vmgenid: None,
+        ..dormouse_fuzz::fixture::minimal_state(SnapshotId([id; 16]), MEM, true)
     }
 }
 

@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         let pages = set.memory_size() / PAGE;
         let mut seen: Vec<(u64, u64)> = Vec::new();
         for &(first, count) in set.runs() {
-            assert!(count > 0 && first + count <= pages, "a run past guest memory");
+            assert!(
+                count > 0 && first + count <= pages,
+                "a run past guest memory"
+            );
             seen.push((first, first + count));
         }
         seen.sort_unstable();

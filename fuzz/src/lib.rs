@@ -21,6 +21,7 @@
 //! something and short inputs stay cheap.
 
 pub mod event;
+pub mod fixture;
 pub mod guest;
 pub mod input;
 pub mod ring;
