@@ -386,7 +386,7 @@ fn last_beat(console: &Console) -> u64 {
         .lines()
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix("@@beat="))
         .filter_map(|n| n.trim().parse().ok())
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 

@@ -58,6 +58,10 @@ impl Rng {
             self.next() % n
         }
     }
+    /// A random index below `n`.
+    fn index(&mut self, n: usize) -> usize {
+        usize::try_from(self.below(n as u64)).unwrap_or(0)
+    }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
@@ -184,6 +188,9 @@ impl Pages {
         // checked by the slice index in `phys` first); no other reference
         // to it lives while the returned one does.
         let _ = self.phys[i];
+        // SAFETY: page i < count of the mapping this struct owns (the
+        // index above panics otherwise); no other reference to it lives
+        // while the returned one does.
         unsafe { std::slice::from_raw_parts_mut(self.virt.add(i * 4096), 4096) }
     }
 
@@ -198,7 +205,7 @@ impl Pages {
             };
             return (addr, rng.u32() & 0xffff);
         }
-        let page = 9 + rng.below(PAGES as u64 - 9) as usize;
+        let page = 9 + rng.index(PAGES - 9);
         let offset = rng.below(PAGE);
         let len = 1 + rng.below(PAGE - offset);
         (self.phys[page] + offset, u32::try_from(len).unwrap_or(1))
@@ -383,7 +390,7 @@ impl Driver {
     fn request(&mut self, q: usize, head: u16) -> u16 {
         let size = self.queues[q].size;
         let at = |i: u16| (head + i) % size;
-        let data = 9 + self.rng.below(PAGES as u64 - 9) as usize;
+        let data = 9 + self.rng.index(PAGES - 9);
         let data_phys = self.pages.phys[data];
         let rng = &mut self.rng;
         let mut table: Vec<(u16, [u8; 16])> = Vec::new();
@@ -414,7 +421,7 @@ impl Driver {
                 let page = self.pages.page(data);
                 page[..12].fill(0);
                 let frame = 14 + rng.below(1500);
-                for b in &mut page[12..12 + frame as usize] {
+                for b in &mut page[12..12 + usize::try_from(frame).unwrap_or(14)] {
                     *b = u8::try_from(rng.below(256)).unwrap_or(0);
                 }
                 page[12..18].fill(0xff);
@@ -424,7 +431,7 @@ impl Driver {
             // block: a request of any type at a random sector.
             (2, 0) => {
                 let types = [0u32, 1, 4, 8, 11, 13, rng.u32()];
-                let kind = types[rng.below(types.len() as u64) as usize];
+                let kind = types[rng.index(types.len())];
                 let sector = if rng.chance(80) {
                     rng.below(65536)
                 } else {
@@ -512,7 +519,7 @@ impl Driver {
             self.counts.requests += heads.len() as u64;
         }
         let which = if self.rng.chance(95) {
-            q as u32
+            u32::try_from(q).unwrap_or(0)
         } else {
             self.rng.u32()
         };
@@ -524,12 +531,12 @@ impl Driver {
             // A reset or a queue reset with the request in flight.
             0..=2 => self.init(),
             3..=4 => {
-                self.win.w32(QUEUE_SEL, q as u32);
+                self.win.w32(QUEUE_SEL, u32::try_from(q).unwrap_or(0));
                 self.win.w32(QUEUE_RESET, 1);
                 self.init();
             }
             5..=9 => {
-                let n = 1 + self.rng.below(32) as usize;
+                let n = 1 + self.rng.index(32);
                 self.win.storm(&mut self.rng, n);
                 self.counts.accesses += n as u64;
                 if self.rng.chance(50) {
@@ -543,7 +550,7 @@ impl Driver {
     fn run(mut self, until: Instant) -> Counts {
         self.init();
         while Instant::now() < until {
-            let q = self.rng.below(3) as usize;
+            let q = self.rng.index(3);
             self.burst(q);
         }
         // Leave no device writing into pages this process gives back.
@@ -570,7 +577,7 @@ pub fn run(seconds: u64, seed: u64) -> io::Result<()> {
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                SLOT as usize,
+                usize::try_from(SLOT).unwrap_or(4096),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 mem.as_raw_fd(),
@@ -616,7 +623,7 @@ pub fn run(seconds: u64, seed: u64) -> io::Result<()> {
     let mut rng = Rng(seed | 1);
     let mut total = Counts::default();
     while Instant::now() < until {
-        if let Some(w) = others.get(rng.below(others.len() as u64) as usize) {
+        if let Some(w) = others.get(rng.index(others.len())) {
             w.storm(&mut rng, 64);
             total.accesses += 64;
         }
