@@ -597,7 +597,19 @@ fn root(dir: &Path) -> SessionRoot {
 }
 
 fn session_ask(session: &Session) -> impl FnMut(&str) -> String + '_ {
-    move |request| ask(&session.endpoints()[0], request)
+    move |request| {
+        let answer = ask(&session.endpoints()[0], request);
+        // A connection closed without an answer: say what the session and
+        // its guest were doing.
+        assert!(
+            !answer.is_empty(),
+            "session {} closed {request:?} unanswered: {:?}; its console ends with:\n{}",
+            session.id(),
+            session.info(),
+            session.console_tail().join("\n")
+        );
+        answer
+    }
 }
 
 fn session_cycles(p: &Params, image: &Image, tmp: &Path) -> String {
@@ -752,8 +764,29 @@ fn run(name: &str, body: impl FnOnce() -> String) -> bool {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as a server holding
+/// many VMs would: each running session holds about 26 fds, and the
+/// default soft limit (1024) would end the density wave near 35 sessions.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct, which
+    // lives across both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
 fn main() -> ExitCode {
     common::init_logging();
+    println!("@@soak fd limit {}", raise_fd_limit());
     let args: Vec<String> = std::env::args().skip(1).collect();
     let short = args.iter().any(|a| a == "--short");
     let env = |name: &str, default: usize| {
