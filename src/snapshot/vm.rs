@@ -943,7 +943,7 @@ mod aarch64 {
                     // vCPU, device or other slice uses it yet: this is the
                     // only reference while it lives.
                     let pages = unsafe { std::slice::from_raw_parts_mut(addr, len) };
-                    let at = u64::try_from(file_offset).map_err(|_| bad("offset".into()))?;
+                    let at = saved.file_offset + offset;
                     layer.memory.read_exact_at(pages, at).map_err(|e| {
                         bad(format!(
                             "reading {} into guest memory: {e}",

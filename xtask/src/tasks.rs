@@ -321,6 +321,25 @@ fn run_native(mut cmd: Command) -> Result<i32> {
     Ok(status.code().unwrap_or(1))
 }
 
+/// Runs an example natively (arm64 hosts) with the guest assets in its
+/// environment, returning its exit code.
+fn run_native_example(rig: &Rig, example: &str, args: &[String]) -> Result<i32> {
+    let mut cmd = cross::host_cargo();
+    cmd.args([
+        "run",
+        "--package",
+        cross::PACKAGE,
+        "--example",
+        example,
+        "--",
+    ])
+    .args(args);
+    for (name, value) in rig.native_guest_env() {
+        cmd.env(name, value);
+    }
+    run_native(cmd)
+}
+
 /// `cargo xtask bench`: criterion benches inside the emulated host.
 pub fn bench(args: &[String]) -> Result<i32> {
     if native_kvm_host() {
@@ -465,20 +484,7 @@ pub fn demo(args: &[String]) -> Result<i32> {
     }
     let rig = setup::setup()?;
     if native_kvm_host() {
-        let mut cmd = cross::host_cargo();
-        cmd.args([
-            "run",
-            "--package",
-            cross::PACKAGE,
-            "--example",
-            EXAMPLE,
-            "--",
-        ])
-        .args(args);
-        for (name, value) in rig.native_guest_env() {
-            cmd.env(name, value);
-        }
-        return run_native(cmd);
+        return run_native_example(&rig, EXAMPLE, args);
     }
     cross::check_debian_toolchain()?;
     // The demo's guest service is the tool.
@@ -543,20 +549,7 @@ pub fn soak(options: &SoakOptions) -> Result<i32> {
         args.insert(0, "--short".to_string());
     }
     if native_kvm_host() {
-        let mut cmd = cross::host_cargo();
-        cmd.args([
-            "run",
-            "--package",
-            cross::PACKAGE,
-            "--example",
-            EXAMPLE,
-            "--",
-        ])
-        .args(&args);
-        for (name, value) in rig.native_guest_env() {
-            cmd.env(name, value);
-        }
-        return run_native(cmd);
+        return run_native_example(&rig, EXAMPLE, &args);
     }
     // The long form holds 32 sessions and runs for an hour or more.
     if !options.short {
