@@ -14,12 +14,18 @@
 //!                                              (pattern seed 0), then closes
 //! guest_vsock flood CID PORT N                 opens up to N connections and
 //!                                              holds them, forever
-//! guest_vsock serve PORT [DIR [READY_PORT]]    a session's service: one line in,
+//! guest_vsock serve PORT [DIR [READY_PORT [HOLD_MS]]]
+//!                                              a session's service: one line in,
 //!                                              one line out, per request; once
-//!                                              listening, connects to host
-//!                                              READY_PORT (an image's readiness)
-//! guest_vsock notify CID PORT                  connects once and closes (an
-//!                                              image's readiness signal)
+//!                                              listening, notifies host
+//!                                              READY_PORT (an image's readiness,
+//!                                              as `notify` does) and exits if
+//!                                              that fails
+//! guest_vsock notify CID PORT [HOLD_MS]        connects once and closes (an
+//!                                              image's readiness signal); with
+//!                                              HOLD_MS, first holds the
+//!                                              connection that long and
+//!                                              writes one byte on it
 //! guest_vsock hostile SECONDS SEED             attacks every device through
 //!                                              /dev/mem, as a fuzzer would
 //!                                              (examples/common/hostile.rs)
@@ -281,7 +287,21 @@ impl Service {
     }
 }
 
-fn serve(port: u32, dir: &str, ready_port: Option<u32>) -> io::Result<()> {
+/// Connects to host `port` and closes; with `hold_ms`, first holds the
+/// connection that long and writes one byte on it.
+fn notify(cid: u32, port: u32, hold_ms: usize) -> io::Result<()> {
+    let mut stream = connect(cid, port)?;
+    if hold_ms > 0 {
+        thread::sleep(std::time::Duration::from_millis(
+            u64::try_from(hold_ms).unwrap_or(0),
+        ));
+        stream.write_all(b"r")?;
+        println!("@@notify wrote after {hold_ms} ms");
+    }
+    Ok(())
+}
+
+fn serve(port: u32, dir: &str, ready_port: Option<u32>, hold_ms: usize) -> io::Result<()> {
     use std::io::BufRead;
     use std::os::fd::AsRawFd;
     let listener = listen(port)?;
@@ -293,7 +313,7 @@ fn serve(port: u32, dir: &str, ready_port: Option<u32>) -> io::Result<()> {
     });
     println!("@@serving={port} pid={}", std::process::id());
     if let Some(ready) = ready_port {
-        drop(connect(libc::VMADDR_CID_HOST, ready)?);
+        notify(libc::VMADDR_CID_HOST, ready, hold_ms)?;
     }
     loop {
         // SAFETY: null address arguments are allowed by accept(2).
@@ -412,6 +432,7 @@ fn main() -> ExitCode {
             port,
             args.get(2).map_or("/mnt", String::as_str),
             args.get(3).and_then(|p| p.parse().ok()),
+            num(4, 0),
         ),
         Some("hostile") => hostile::run(
             args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10),
@@ -420,7 +441,7 @@ fn main() -> ExitCode {
         Some("notify") => {
             let cid = u32::try_from(num(1, 2)).unwrap_or(2);
             let port = u32::try_from(num(2, 0)).unwrap_or(0);
-            connect(cid, port).map(drop)
+            notify(cid, port, num(3, 0))
         }
         Some("send") => {
             let cid = u32::try_from(num(1, 2)).unwrap_or(2);
@@ -438,8 +459,8 @@ fn main() -> ExitCode {
         }
         _ => Err(io::Error::other(
             "usage: guest_vsock echo-server PORT | echo-report PORT | send CID PORT BYTES [ROUNDS] \
-             [PARALLEL] | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT]] \
-             | notify CID PORT | hostile SECONDS SEED",
+             [PARALLEL] | write CID PORT BYTES | flood CID PORT N | serve PORT [DIR [READY_PORT [HOLD_MS]]] \
+             | notify CID PORT [HOLD_MS] | hostile SECONDS SEED",
         )),
     };
     match result {

@@ -693,6 +693,11 @@ fn density(p: &Params, image: &Image, tmp: &Path) -> String {
         for (s, m) in sessions.iter().zip(&models) {
             m.check(&mut session_ask(s));
         }
+        println!(
+            "@@soak density wave {wave}: {} sessions stepped, suspended in {:?} and checked",
+            p.sessions,
+            suspend_all.last().copied().unwrap_or_default()
+        );
     }
     let n = p.sessions as u64;
     let per = |a: usize, b: usize| (a.saturating_sub(b)) as f64 / n as f64;

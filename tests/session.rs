@@ -2,7 +2,8 @@
 //! suspend and resume on the next request (20 cycles, same process, same
 //! counter, same files, memory returned to the host), 8 clones at once
 //! with their own disks and RNGs, lifetimes, a connection racing a
-//! suspend, a reopened root, and every bad input's own error.
+//! suspend, a reopened root, an image that waits for the guest's
+//! readiness connection to end, and every bad input's own error.
 #![cfg(target_arch = "aarch64")]
 
 mod common;
@@ -11,7 +12,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::session::{ask, pid_count, rss, service_image, service_spec, SERVICE_PORT};
+use common::session::{
+    ask, pid_count, rss, service_image, service_initrd, service_spec, SERVICE_PORT,
+};
 use common::TempDir;
 use dormouse::session::{
     Endpoint, Image, Readiness, RootOptions, SessionConfig, SessionError, SessionRoot, SessionState,
@@ -289,6 +292,33 @@ fn session_root_reopened_resumes_its_sessions() {
     let e = Endpoint::unix(&sock, SERVICE_PORT);
     assert_eq!(pid_count(&ask(&e, "hit")), (pid, 2));
     assert_eq!(ask(&e, "get kept.txt"), "text=across-reopen");
+    session.terminate().unwrap();
+}
+
+/// An image is taken only once the guest is done with its readiness
+/// connection. Here the listening service holds it for 3 s before it
+/// writes and closes, and exits if that write fails: an image taken at the
+/// connection (the host end is not in the image, so every restore resets
+/// it) would give sessions whose service is gone.
+#[test]
+fn session_image_waits_until_the_guest_is_done_with_its_readiness_connection() {
+    let _serial = serial();
+    let tmp = TempDir::new("session-ready-hold");
+    let script = "mount -t ext4 /dev/vda /mnt || echo '@@mount failed'\n\
+                  guest_vsock serve 5000 /mnt 1025 3000 &\n\
+                  while true; do sleep 3600; done\n";
+    let spec = service_spec(&tmp.0, 128).initrd(service_initrd(&tmp.0, script));
+    let image = Image::create(tmp.0.join("image"), &spec).expect("creating the image");
+    let root = root(&tmp.0);
+    let session = root
+        .launch(
+            &image,
+            SessionConfig::new().endpoint(Endpoint::loopback(0, SERVICE_PORT)),
+        )
+        .unwrap();
+    let endpoint = session.endpoints()[0].clone();
+    assert_eq!(pid_count(&ask(&endpoint, "hit")).1, 1);
+    assert_eq!(pid_count(&ask(&endpoint, "hit")).1, 2);
     session.terminate().unwrap();
 }
 

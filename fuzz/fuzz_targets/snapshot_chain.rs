@@ -3,6 +3,11 @@
 //! lengths come from the input, read with `read_chain` and, when accepted,
 //! merged.
 //!
+//! Each layer's files are rewritten in place in one directory per layer
+//! slot (the reader is under test here, not `write_dir`, which the unit
+//! tests cover): no directory or file is created or removed per input but
+//! the merge's output, so tmpfs pages are reused rather than allocated.
+//!
 //! Checks: no panic; a chain is accepted only if its first layer is full
 //! and each diff names the layer before it; a merged snapshot holds, for
 //! every page, the bytes of the newest layer whose runs include it (the
@@ -14,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use dormouse::snapshot::{format, merge, read_chain, write_dir, SnapshotId, VmState, MEMORY_FILE};
+use dormouse::snapshot::{format, merge, read_chain, SnapshotId, VmState, MEMORY_FILE, STATE_FILE};
 use dormouse_fuzz::input::Input;
 use libfuzzer_sys::{fuzz_target, Corpus};
 
@@ -22,9 +27,41 @@ const PAGE: u64 = 4096;
 const PAGES: u64 = 16;
 const MEM: u64 = PAGES * PAGE;
 
+/// The scratch directory, with one directory per layer slot (made once).
 fn root() -> &'static PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| dormouse_fuzz::scratch_path("chain"))
+    ROOT.get_or_init(|| {
+        let root = dormouse_fuzz::scratch_path("chain");
+        let _ = std::fs::remove_dir_all(&root);
+        for i in 0..3 {
+            std::fs::create_dir_all(layer_dir(&root, i)).expect("creating a layer directory");
+        }
+        root
+    })
+}
+
+fn layer_dir(root: &std::path::Path, i: usize) -> PathBuf {
+    root.join(format!("layer{i}"))
+}
+
+/// Rewrites a layer's state and memory files in place: the memory file
+/// `len` bytes of `fill`.
+fn write_layer(dir: &std::path::Path, state: &[u8], len: u64, fill: u8) -> std::io::Result<()> {
+    std::fs::write(dir.join(STATE_FILE), state)?;
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(MEMORY_FILE))?;
+    memory.set_len(len)?;
+    let page = [fill; PAGE as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(PAGE);
+        memory.write_all_at(&page[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 fn state(id: u8, parent: Option<u8>, runs: Option<Vec<(u64, u64)>>) -> VmState {
@@ -76,22 +113,15 @@ fuzz_target!(|data: &[u8]| -> Corpus {
     }
 
     let root = root();
-    let _ = std::fs::remove_dir_all(root);
-    std::fs::create_dir_all(root).expect("temp dir");
     let mut dirs = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        let dir = root.join(format!("layer{i}"));
+        let dir = layer_dir(root, i);
         let mut bytes = format::encode(&layer.state).expect("a state encodes");
         if let Some(at) = layer.corrupt {
             let at = at % bytes.len();
             bytes[at] ^= 0x5a;
         }
-        let (len, fill) = (layer.file_len, layer.fill);
-        write_dir(&dir, &bytes, move |f| {
-            f.set_len(len)?;
-            f.write_all_at(&vec![fill; usize::try_from(len).unwrap_or(0)], 0)
-        })
-        .expect("writing a layer");
+        write_layer(&dir, &bytes, layer.file_len, layer.fill).expect("writing a layer");
         dirs.push(dir);
     }
 
@@ -105,6 +135,7 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         assert!(pair[1].state.diff.is_some());
     }
     let out = root.join("merged");
+    let _ = std::fs::remove_dir_all(&out);
     merge(&dirs, &out).expect("an accepted chain merges");
     let merged = std::fs::read(out.join(MEMORY_FILE)).expect("the merged memory file");
     assert_eq!(merged.len() as u64, MEM);

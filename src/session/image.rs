@@ -10,8 +10,9 @@
 //! disk0.img ...   the disks as they were at the snapshot, 0400
 //! ```
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,8 +44,16 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How [`Image::create`] knows the guest's init is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
-    /// The guest connects to this host vsock port (for example with
-    /// `socat - VSOCK-CONNECT:2:1025`).
+    /// The guest connects to this host vsock port and then closes the
+    /// connection or writes to it (for example with
+    /// `socat -u /dev/null VSOCK-CONNECT:2:1025`).
+    ///
+    /// The image is taken only then: once the guest has closed or written,
+    /// its `connect()` has returned. A guest snapshotted while it still
+    /// waits for the connection to be accepted would wait in every session
+    /// for an answer that never comes (the host end is not in the image;
+    /// Linux does not reset a connection still being set up), and its
+    /// connect would fail with `ETIMEDOUT` a little later.
     VsockConnect {
         /// The host port.
         port: u32,
@@ -59,7 +68,8 @@ impl std::fmt::Display for Readiness {
             Readiness::VsockConnect { port } => {
                 write!(
                     f,
-                    "waiting for the guest to connect to host vsock port {port}"
+                    "waiting for the guest to connect to host vsock port {port} and close \
+                     the connection or write to it"
                 )
             }
             Readiness::ConsoleLine(text) => write!(f, "waiting for a console line with {text:?}"),
@@ -86,7 +96,8 @@ pub struct ImageSpec {
 impl ImageSpec {
     /// An image of the arm64 Linux `Image` at `kernel`: 256 MiB, one vCPU,
     /// a vsock device (guest CID [`DEFAULT_GUEST_CID`]), ready when the
-    /// guest connects to host vsock port [`DEFAULT_READY_PORT`].
+    /// guest connects to host vsock port [`DEFAULT_READY_PORT`] and closes
+    /// that connection (see [`Readiness::VsockConnect`]).
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             kernel: kernel.into(),
@@ -457,14 +468,30 @@ fn wait_ready(
         condition: spec.readiness.to_string(),
         console: console.lines().join("\n"),
     };
+    let socket_error = |what: &'static str| files::io(what, Path::new("the readiness socket"));
+    // The guest's readiness connection, once accepted.
+    let mut connection: Option<UnixStream> = None;
     loop {
         let ready = match (&spec.readiness, listener) {
             (Readiness::ConsoleLine(text), _) => console.wait_for(text, Duration::from_millis(50)),
-            (Readiness::VsockConnect { .. }, Some(listener)) => match listener.accept() {
-                Ok(_) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-                Err(e) => return Err(files::io("accept on", Path::new("the readiness socket"))(e)),
-            },
+            (Readiness::VsockConnect { .. }, Some(listener)) => {
+                if connection.is_none() {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream
+                                .set_nonblocking(true)
+                                .map_err(socket_error("configure"))?;
+                            connection = Some(stream);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(socket_error("accept on")(e)),
+                    }
+                }
+                match connection.as_mut() {
+                    Some(stream) => guest_done_connecting(stream).map_err(socket_error("read"))?,
+                    None => false,
+                }
+            }
             (Readiness::VsockConnect { .. }, None) => false,
         };
         if ready {
@@ -479,6 +506,21 @@ fn wait_ready(
         if Instant::now() >= deadline {
             return Err(timeout(console));
         }
+    }
+}
+
+/// Whether the guest has closed its accepted readiness connection or
+/// written to it: either means its `connect()` returned.
+fn guest_done_connecting(stream: &mut UnixStream) -> std::io::Result<bool> {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        // EOF (the guest closed), or data (the guest wrote).
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(false),
+        // The device reset the connection: the guest ended it.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
+        Err(e) => Err(e),
     }
 }
 

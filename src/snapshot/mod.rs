@@ -822,8 +822,16 @@ fn push_layer(layers: &mut Vec<Layer>, dir: &Path, state: VmState) -> Result<(),
 fn copy_diff_pages(layers: &[Layer], file: &File) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
 
-    let mut buf = vec![0u8; 1 << 20];
     let page = crate::arch::aarch64::layout::PAGE_SIZE;
+    // Big enough for the longest run, up to 1 MiB: a merge of a few short
+    // runs (a session's small diffs) does not zero and fault in 1 MiB.
+    let longest = layers
+        .iter()
+        .flat_map(|l| l.state.diff.iter().flatten().flatten())
+        .map(|&(_, count)| count.saturating_mul(page))
+        .max()
+        .unwrap_or(0);
+    let mut buf = vec![0u8; usize::try_from(longest.min(1 << 20)).unwrap_or(1 << 20)];
     for layer in layers {
         let runs = layer.state.diff.as_deref().unwrap_or_default();
         for (region, region_runs) in layer.state.memory.iter().zip(runs) {

@@ -9,6 +9,16 @@
 //! the repository); the committed seeds in `fuzz/corpus/<target>/` are only
 //! read. Crashes, timeouts and out-of-memory inputs land in
 //! `fuzz/artifacts/<target>/`, as with `cargo fuzz run`.
+//!
+//! Each target runs on every core (`--workers`, default: all of them):
+//! libFuzzer's `-jobs=N -workers=N` starts N independent fuzzing processes
+//! that share the corpus directory, so a target gets N times the
+//! executions in the same time. Their logs are concatenated in the
+//! target's log, and the executions counted are their sum.
+//!
+//! `--runs N` makes a target's run a check of speed too: it stops once its
+//! workers have run N inputs in all, and fails if `--seconds` ran out
+//! first (`--runs 1000000 --seconds 600`: a million inputs in ten minutes).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -29,6 +39,10 @@ const FAILURE_TAIL_LINES: usize = 16;
 
 pub struct FuzzOptions {
     pub seconds: u64,
+    /// Fuzzing processes per target; `None`: one per core.
+    pub workers: Option<u32>,
+    /// Inputs a target must run (in all its workers) before `seconds` end.
+    pub runs: Option<u64>,
     /// Targets to run; empty means all of them.
     pub targets: Vec<String>,
 }
@@ -49,28 +63,49 @@ struct Outcome {
     seconds: f64,
 }
 
-/// `[--seconds N] [TARGET...]`.
+/// `[--seconds N] [--workers N] [--runs N] [TARGET...]`.
 pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
     let mut options = FuzzOptions {
         seconds: DEFAULT_SECONDS,
+        workers: None,
+        runs: None,
         targets: Vec::new(),
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let value = if arg == "--seconds" {
-            args.next().map(String::as_str)
-        } else if let Some(v) = arg.strip_prefix("--seconds=") {
-            Some(v)
+        let (name, value) = if let Some((name, v)) = arg.split_once('=') {
+            (name, Some(v))
+        } else if arg == "--seconds" || arg == "--workers" || arg == "--runs" {
+            (arg.as_str(), args.next().map(String::as_str))
         } else if arg.starts_with('-') {
-            bail!("`cargo xtask fuzz` has no option {arg}: it takes [--seconds N] [TARGET...]");
+            bail!(
+                "`cargo xtask fuzz` has no option {arg}: it takes [--seconds N] [--workers N] \
+                 [TARGET...]"
+            );
         } else {
             options.targets.push(arg.clone());
             continue;
         };
-        options.seconds = match value.map(str::parse::<u64>) {
+        let number = match value.map(str::parse::<u64>) {
             Some(Ok(n)) if n > 0 => n,
-            _ => bail!("--seconds takes a positive number of seconds"),
+            _ => bail!("{name} takes a positive number"),
         };
+        match name {
+            "--seconds" => options.seconds = number,
+            "--runs" => options.runs = Some(number),
+            "--workers" => {
+                options.workers = Some(
+                    u32::try_from(number)
+                        .ok()
+                        .filter(|&n| n <= 256)
+                        .ok_or_else(|| util::Error::msg("--workers takes at most 256"))?,
+                );
+            }
+            _ => bail!(
+                "`cargo xtask fuzz` has no option {name}: it takes [--seconds N] [--workers N] \
+                 [TARGET...]"
+            ),
+        }
     }
     Ok(options)
 }
@@ -112,23 +147,43 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
 
     let logs = fuzz_dir.join("target").join("xtask-logs");
     util::mkdir(&logs)?;
+    let workers = options.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .ok()
+            .and_then(|n| u32::try_from(n.get()).ok())
+            .unwrap_or(1)
+    });
+    let plan = Plan {
+        seconds: options.seconds,
+        workers,
+        runs: options.runs,
+    };
     let mut outcomes = Vec::new();
     for target in &targets {
-        outcomes.push(run_target(&fuzz_dir, &logs, target, options.seconds)?);
+        outcomes.push(run_target(&fuzz_dir, &logs, target, &plan)?);
     }
 
+    let goal = options
+        .runs
+        .map_or_else(String::new, |r| format!(", {r} inputs each"));
     util::say(format!(
-        "fuzz: {} targets, {}s each, {} in all",
+        "fuzz: {} targets, at most {}s each{goal} on {workers} worker(s), {} in all",
         outcomes.len(),
         options.seconds,
         util::secs(start.elapsed())
     ));
     let show = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
     for o in &outcomes {
+        #[allow(clippy::cast_precision_loss)] // a rate for people to read
+        let rate = o.execs.map_or_else(
+            || "?".to_string(),
+            |e| format!("{:.0}", e as f64 / o.seconds.max(1.0)),
+        );
         util::say(format!(
-            "  {:<16} {:>9} execs  cov {:>5}  ft {:>6}  corpus {:>5}  {:>5.1}s  {}",
+            "  {:<16} {:>9} execs {:>7}/s  cov {:>5}  ft {:>6}  corpus {:>5}  {:>5.1}s  {}",
             o.target,
             show(o.execs),
+            rate,
             show(o.cov),
             show(o.ft),
             show(o.corpus),
@@ -263,11 +318,27 @@ fn list_targets() -> Result<Vec<String>> {
     Ok(targets)
 }
 
-fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, seconds: u64) -> Result<Outcome> {
+/// How each target runs.
+struct Plan {
+    seconds: u64,
+    workers: u32,
+    runs: Option<u64>,
+}
+
+fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, plan: &Plan) -> Result<Outcome> {
+    let Plan {
+        seconds,
+        workers,
+        runs,
+    } = *plan;
     let work_corpus = fuzz_dir.join("target").join("xtask-corpus").join(target);
     let seeds = fuzz_dir.join("corpus").join(target);
     util::mkdir(&work_corpus)?;
     util::mkdir(&seeds)?;
+    // libFuzzer's workers write `fuzz-<n>.log` in their working directory
+    // (the parent then prints each one whole): one directory per target.
+    let work_dir = logs.join(format!("{target}.workers"));
+    util::mkdir(&work_dir)?;
     let log = logs.join(format!("{target}.log"));
     let file = File::create(&log).context(|| format!("cannot create {}", log.display()))?;
     let file2 = file
@@ -275,36 +346,54 @@ fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, seconds: u64) -> Resul
         .context(|| format!("cannot reopen {}", log.display()))?;
 
     let mut cmd = nightly_cargo();
-    cmd.args(["fuzz", "run", target])
+    cmd.args(["fuzz", "run", "--fuzz-dir"])
+        .arg(fuzz_dir)
+        .arg(target)
         .arg(&work_corpus)
         .arg(&seeds)
         .arg("--")
+        .args(
+            (workers > 1)
+                .then(|| [format!("-jobs={workers}"), format!("-workers={workers}")])
+                .into_iter()
+                .flatten(),
+        )
+        .args(runs.map(|r| format!("-runs={}", r.div_ceil(u64::from(workers)))))
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
         .arg("-print_final_stats=1")
         .stdin(Stdio::null())
         .stdout(Stdio::from(file))
-        .stderr(Stdio::from(file2));
+        .stderr(Stdio::from(file2))
+        .current_dir(&work_dir);
     util::announce(&cmd);
     let start = Instant::now();
     let status = cmd
         .status()
         .map_err(|e| util::spawn_error(cmd.get_program(), e))?;
-    let seconds = start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed().as_secs_f64();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let mut outcome = parse_log(target, &text, status.success());
     if !status.success() && !outcome.failed {
         outcome.failed = true;
         outcome.result = format!("cargo fuzz run failed ({})", util::status_text(status));
     }
+    if let (Some(goal), false) = (runs, outcome.failed) {
+        let done = outcome.execs.unwrap_or(0);
+        if done < goal {
+            outcome.failed = true;
+            outcome.result = format!("too slow: {done} of {goal} inputs in {seconds} s");
+        }
+    }
     outcome.log = log;
-    outcome.seconds = seconds;
+    outcome.seconds = elapsed;
     Ok(outcome)
 }
 
-/// Reads libFuzzer's output: the last status line's cov/ft/corpus, the
-/// final stats, and what went wrong if anything did.
+/// Reads libFuzzer's output (one process's, or several workers' one after
+/// the other): the largest cov/ft/corpus of the status lines, the sum of
+/// the final stats' executions, and what went wrong if anything did.
 fn parse_log(target: &str, text: &str, success: bool) -> Outcome {
     let mut o = Outcome {
         target: target.to_string(),
@@ -319,6 +408,7 @@ fn parse_log(target: &str, text: &str, success: bool) -> Outcome {
         seconds: 0.0,
     };
     let mut last_execs = None;
+    let max = |a: Option<u64>, b: Option<u64>| a.max(b);
     for line in text.lines() {
         // "#22170	DONE   cov: 1021 ft: 4087 corp: 236/3046b lim: 38 ..."
         if line.starts_with('#') && line.contains("cov: ") {
@@ -326,12 +416,14 @@ fn parse_log(target: &str, text: &str, success: bool) -> Outcome {
                 .split(|c: char| !c.is_ascii_digit())
                 .next()
                 .and_then(|n| n.parse().ok());
-            o.cov = field(line, "cov:").or(o.cov);
-            o.ft = field(line, "ft:").or(o.ft);
-            o.corpus = field(line, "corp:").or(o.corpus);
+            o.cov = max(field(line, "cov:"), o.cov);
+            o.ft = max(field(line, "ft:"), o.ft);
+            o.corpus = max(field(line, "corp:"), o.corpus);
         }
         if let Some(rest) = line.strip_prefix("stat::number_of_executed_units:") {
-            o.execs = rest.trim().parse().ok();
+            if let Ok(n) = rest.trim().parse::<u64>() {
+                o.execs = Some(o.execs.unwrap_or(0) + n);
+            }
         }
         if let Some(at) = line.find("Test unit written to ") {
             o.artifact = Some(
@@ -408,6 +500,33 @@ mod tests {
         assert!(parse_args(&words(&["--seconds"])).is_err());
         assert!(parse_args(&words(&["--seconds", "0"])).is_err());
         assert!(parse_args(&words(&["--jobs", "2"])).is_err());
+        assert!(parse_args(&words(&["--jobs=2"])).is_err());
+        assert!(parse_args(&words(&["--workers", "0"])).is_err());
+        let o = parse_args(&words(&["--workers=2", "a", "b"])).unwrap();
+        assert_eq!((o.workers, o.targets.len()), (Some(2), 2));
+        assert_eq!(parse_args(&words(&[])).unwrap().workers, None);
+        let o = parse_args(&words(&["--runs", "1000000", "--seconds=600"])).unwrap();
+        assert_eq!((o.runs, o.seconds), (Some(1_000_000), 600));
+        assert!(parse_args(&words(&["--runs=x"])).is_err());
+    }
+
+    #[test]
+    fn workers_logs_add_up() {
+        let log = "\
+================== Job 1 exited with exit code 0 ============
+#2\tINITED cov: 100 ft: 120 corp: 4/200b exec/s: 0 rss: 50Mb
+#9000\tDONE   cov: 990 ft: 4000 corp: 230/3000b exec/s: 900 rss: 251Mb
+stat::number_of_executed_units: 9000
+================== Job 0 exited with exit code 0 ============
+#8000\tDONE   cov: 1021 ft: 3900 corp: 236/3046b exec/s: 800 rss: 251Mb
+stat::number_of_executed_units: 8000
+";
+        let o = parse_log("t", log, true);
+        assert!(!o.failed);
+        assert_eq!(
+            (o.execs, o.cov, o.ft, o.corpus),
+            (Some(17000), Some(1021), Some(4000), Some(236))
+        );
     }
 
     #[test]

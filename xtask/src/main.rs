@@ -48,10 +48,13 @@ commands:
                             thread, mapping or memory leak; a density wave of
                             sessions; the long form (no --short: 200 cycles, 32
                             sessions, 8 GiB host) also runs the fault tests
-  fuzz [--seconds N] [TARGET...]
+  fuzz [--seconds N] [--workers N] [--runs N] [TARGET...]
                             build the cargo-fuzz targets in fuzz/ (nightly; installs
                             cargo-fuzz if missing) and run each (default: all) for N
-                            seconds (default 20); fails on any crash, timeout or OOM
+                            seconds (default 20) on N fuzzing processes (default: one
+                            per core); fails on any crash, timeout or OOM; with
+                            --runs, stops a target after N inputs and fails it if
+                            the time ran out first
 
 environment:
   DORMOUSE_RIG_MEM_MB        memory of the emulated host (default 4096)
