@@ -177,8 +177,13 @@ impl SessionRecord {
         // The next suspend writes l<next_layer> (removing whatever is
         // there first) and the next merge m<next_layer>: a committed layer
         // of that number or above would be overwritten.
-        if self.next_layer == u64::MAX {
-            return Err(corrupt("next layer number at its maximum".into()));
+        // Far beyond any session's life (a suspend a microsecond for
+        // 100,000 years), so that counting on from it cannot overflow.
+        if self.next_layer >= MAX_NEXT_LAYER {
+            return Err(corrupt(format!(
+                "next layer number {} (at most {MAX_NEXT_LAYER})",
+                self.next_layer
+            )));
         }
         if let Some(bad) = self
             .chain
@@ -193,6 +198,9 @@ impl SessionRecord {
         Ok(())
     }
 }
+
+/// The bound on a session record's `next_layer` (it must be below).
+const MAX_NEXT_LAYER: u64 = 1 << 62;
 
 /// The number in a layer directory's name (`l000012`, `m000013`), if it
 /// is one.
@@ -746,7 +754,7 @@ impl Inner {
         slot.state = SessionState::Running;
         let took = started.elapsed();
         if !launch {
-            slot.record.resumes += 1;
+            slot.record.resumes = slot.record.resumes.saturating_add(1);
             slot.stats.last_resume = Some(took);
             slot.stats.resumed_at = Some(SystemTime::now());
             log::info!("session {}: suspended -> running in {took:?}", self.id);
@@ -808,7 +816,7 @@ impl Inner {
         }
         super::crash_point(super::CrashPoint::BeforeCommit);
         slot.record.chain.push(name);
-        slot.record.suspends += 1;
+        slot.record.suspends = slot.record.suspends.saturating_add(1);
         slot.record.suspended_unix_ms = Some(files::unix_ms(SystemTime::now()));
         slot.state = SessionState::Suspended;
         // The commit point: from here a new process resumes from this
@@ -893,7 +901,7 @@ impl Inner {
         let mut chain = vec![out_name];
         chain.extend_from_slice(&slot.record.chain[names.len()..]);
         let old = std::mem::replace(&mut slot.record.chain, chain);
-        slot.record.merges += 1;
+        slot.record.merges = slot.record.merges.saturating_add(1);
         if let Err(e) = files::write_record(&self.dir.join(SESSION_RECORD), &slot.record) {
             slot.record.chain = old;
             slot.record.merges -= 1;
@@ -1011,11 +1019,15 @@ mod tests {
             (&["l000009"][..], 3),
             (&["m99999999999999999999999"][..], 3),
             (&[][..], u64::MAX),
+            (&[][..], MAX_NEXT_LAYER),
         ] {
             match record(chain, next).validate(path) {
                 Err(SessionError::SessionCorrupt { .. }) => {}
                 other => panic!("{chain:?} with next layer {next}: {other:?}"),
             }
         }
+        assert!(record(&["l000001"], MAX_NEXT_LAYER - 1)
+            .validate(path)
+            .is_ok());
     }
 }
