@@ -63,6 +63,9 @@ struct Outcome {
     seconds: f64,
 }
 
+/// What `cargo xtask fuzz` takes.
+const USAGE: &str = "it takes [--seconds N] [--workers N] [--runs N] [TARGET...]";
+
 /// `[--seconds N] [--workers N] [--runs N] [TARGET...]`.
 pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
     let mut options = FuzzOptions {
@@ -78,10 +81,7 @@ pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
         } else if arg == "--seconds" || arg == "--workers" || arg == "--runs" {
             (arg.as_str(), args.next().map(String::as_str))
         } else if arg.starts_with('-') {
-            bail!(
-                "`cargo xtask fuzz` has no option {arg}: it takes [--seconds N] [--workers N] \
-                 [TARGET...]"
-            );
+            bail!("`cargo xtask fuzz` has no option {arg}: {USAGE}");
         } else {
             options.targets.push(arg.clone());
             continue;
@@ -101,10 +101,7 @@ pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
                         .ok_or_else(|| util::Error::msg("--workers takes at most 256"))?,
                 );
             }
-            _ => bail!(
-                "`cargo xtask fuzz` has no option {name}: it takes [--seconds N] [--workers N] \
-                 [TARGET...]"
-            ),
+            _ => bail!("`cargo xtask fuzz` has no option {name}: {USAGE}"),
         }
     }
     Ok(options)
