@@ -435,7 +435,12 @@ impl Connection {
             let flags = std::mem::take(&mut self.need_shutdown);
             return RxOutcome::Packet(self.header(guest_cid, op::SHUTDOWN, 0, flags), 0);
         }
-        if self.need_credit_update {
+        // Data waits but the buffer has room for a header only: a credit
+        // update fits, uses the buffer, and says nothing untrue. Returning
+        // nothing here would leave the connection ready and the buffer
+        // first in line, so the device would look at it again forever.
+        let data_waits = self.host_readable && !self.read_closed && self.peer_credit() > 0;
+        if self.need_credit_update || (cap == 0 && data_waits) {
             return RxOutcome::Packet(self.header(guest_cid, op::CREDIT_UPDATE, 0, 0), 0);
         }
         RxOutcome::Nothing
