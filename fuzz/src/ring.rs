@@ -145,13 +145,7 @@ pub struct Ring {
     /// The avail ring is bad as of the last [`expect`](Self::expect) (the
     /// shadow could not read it): the pass's used elements are not checked.
     corrupt: bool,
-    /// Whether [`expect`](Self::expect) keeps a copy of each chain's
-    /// readable bytes (up to [`CAPTURE_MAX`]).
-    pub capture: bool,
 }
-
-/// The most readable bytes a capturing ring copies per chain.
-pub const CAPTURE_MAX: u64 = 0x1_1000;
 
 /// A queue set up by the driver as the transport would hand it to the
 /// device: ready, with the given size and ring addresses.
@@ -200,7 +194,6 @@ impl Ring {
             shadow: device_queue(size, desc, avail, used),
             outstanding: VecDeque::new(),
             corrupt: false,
-            capture: false,
         };
         (ring, device_queue(size, desc, avail, used))
     }
@@ -376,9 +369,6 @@ impl Ring {
                     c.readable.push(range);
                 }
             }
-            if self.capture {
-                c.data = c.read(guest, CAPTURE_MAX);
-            }
             self.outstanding.push_back((head, c));
         }
     }
@@ -467,8 +457,6 @@ pub struct Chain {
     pub ranges: Vec<Range>,
     /// Its device-readable buffers, in order.
     pub readable: Vec<Range>,
-    /// Their bytes when it was made available, if the ring captures them.
-    pub data: Option<Vec<u8>>,
 }
 
 impl Chain {
@@ -480,20 +468,34 @@ impl Chain {
         r.windows(2).all(|w| w[0].1 <= w[1].0)
     }
 
-    /// The bytes of its readable buffers (`None` if one lies outside guest
-    /// memory or they add up to more than `max`).
-    pub fn read(&self, guest: &Guest, max: u64) -> Option<Vec<u8>> {
-        let total: u64 = self.readable.iter().map(|(s, e)| e - s).sum();
+    /// Whether its readable buffers hold `bytes` from offset `from` on,
+    /// and are exactly as long: now, or (`before`) as they were before the
+    /// last [`Guest::check`]'s pass, when the device read them.
+    pub fn holds(&self, guest: &Guest, bytes: &[u8], from: usize, before: bool) -> bool {
+        let total: u64 = self.readable.iter().map(|(s, e)| e.saturating_sub(*s)).sum();
         // Empty buffers are never touched, wherever they point.
         let outside = |&(s, e): &Range| s < e && e > guest.size();
-        if total > max || self.readable.iter().any(outside) {
-            return None;
+        if total != bytes.len() as u64 || self.readable.iter().any(outside) {
+            return false;
         }
-        let mut out = Vec::new();
+        let view = guest.view();
+        let mut at = 0usize;
         for &(s, e) in self.readable.iter().filter(|(s, e)| s < e) {
-            out.extend_from_slice(&guest.read(s, usize::try_from(e - s).ok()?));
+            // Inside guest memory (checked above), so these fit usize.
+            let (s, n) = (s as usize, (e - s) as usize);
+            let skip = from.saturating_sub(at).min(n);
+            let want = &bytes[at + skip..at + n];
+            let same = if before {
+                guest.read_before((s + skip) as u64, n - skip) == want
+            } else {
+                &view[s + skip..s + n] == want
+            };
+            if !same {
+                return false;
+            }
+            at += n;
         }
-        Some(out)
+        true
     }
 }
 

@@ -19,6 +19,13 @@
 //! `--runs N` makes a target's run a check of speed too: it stops once its
 //! workers have run N inputs in all, and fails if `--seconds` ran out
 //! first (`--runs 1000000 --seconds 600`: a million inputs in ten minutes).
+//!
+//! `--sanitizer none` builds without AddressSanitizer (into
+//! `fuzz/target/no-sanitizer/`, beside the default build), for long runs:
+//! about three times the executions. What the targets check themselves
+//! (panics, the harness's memory and ring checks, vm-memory's bounds)
+//! works the same; what only ASan sees (a wild access by `unsafe` code
+//! into host memory) does not, which is why the default, and CI, keep it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,6 +50,8 @@ pub struct FuzzOptions {
     pub workers: Option<u32>,
     /// Inputs a target must run (in all its workers) before `seconds` end.
     pub runs: Option<u64>,
+    /// Build with AddressSanitizer (the default) or without.
+    pub asan: bool,
     /// Targets to run; empty means all of them.
     pub targets: Vec<String>,
 }
@@ -64,21 +73,24 @@ struct Outcome {
 }
 
 /// What `cargo xtask fuzz` takes.
-const USAGE: &str = "it takes [--seconds N] [--workers N] [--runs N] [TARGET...]";
+const USAGE: &str =
+    "it takes [--seconds N] [--workers N] [--runs N] [--sanitizer address|none] [TARGET...]";
 
-/// `[--seconds N] [--workers N] [--runs N] [TARGET...]`.
+/// `[--seconds N] [--workers N] [--runs N] [--sanitizer address|none]
+/// [TARGET...]`.
 pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
     let mut options = FuzzOptions {
         seconds: DEFAULT_SECONDS,
         workers: None,
         runs: None,
+        asan: true,
         targets: Vec::new(),
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let (name, value) = if let Some((name, v)) = arg.split_once('=') {
             (name, Some(v))
-        } else if arg == "--seconds" || arg == "--workers" || arg == "--runs" {
+        } else if ["--seconds", "--workers", "--runs", "--sanitizer"].contains(&arg.as_str()) {
             (arg.as_str(), args.next().map(String::as_str))
         } else if arg.starts_with('-') {
             bail!("`cargo xtask fuzz` has no option {arg}: {USAGE}");
@@ -86,6 +98,14 @@ pub fn parse_args(args: &[String]) -> Result<FuzzOptions> {
             options.targets.push(arg.clone());
             continue;
         };
+        if name == "--sanitizer" {
+            options.asan = match value {
+                Some("address") => true,
+                Some("none") => false,
+                _ => bail!("--sanitizer takes `address` or `none`"),
+            };
+            continue;
+        }
         let number = match value.map(str::parse::<u64>) {
             Some(Ok(n)) if n > 0 => n,
             _ => bail!("{name} takes a positive number"),
@@ -128,8 +148,9 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
         options.targets.clone()
     };
 
+    let sanitizer = Sanitizer::new(options.asan, &fuzz_dir);
     let mut build = nightly_cargo();
-    build.args(["fuzz", "build"]);
+    build.args(["fuzz", "build"]).args(&sanitizer.args);
     let build_start = Instant::now();
     util::run(
         &mut build,
@@ -137,10 +158,21 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
          helpers, so a changed device API shows up here)",
     )?;
     util::say(format!(
-        "fuzz: built {} targets in {}",
+        "fuzz: built {} targets ({}) in {}",
         all.len(),
+        sanitizer.name,
         util::secs(build_start.elapsed())
     ));
+
+    // The harness's own tests (its memory checker, the committed seeds).
+    let mut test = nightly_cargo();
+    test.args(["test", "--lib", "--manifest-path"])
+        .arg(fuzz_dir.join("Cargo.toml"));
+    util::run(
+        &mut test,
+        "the fuzz harness's own tests failed (fuzz/src/): fix them before fuzzing, or a \
+         finding may be the harness's",
+    )?;
 
     let logs = fuzz_dir.join("target").join("xtask-logs");
     util::mkdir(&logs)?;
@@ -154,6 +186,7 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
         seconds: options.seconds,
         workers,
         runs: options.runs,
+        sanitizer,
     };
     let mut outcomes = Vec::new();
     for target in &targets {
@@ -164,8 +197,9 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
         .runs
         .map_or_else(String::new, |r| format!(", {r} inputs each"));
     util::say(format!(
-        "fuzz: {} targets, at most {}s each{goal} on {workers} worker(s), {} in all",
+        "fuzz: {} targets ({}), at most {}s each{goal} on {workers} worker(s), {} in all",
         outcomes.len(),
+        plan.sanitizer.name,
         options.seconds,
         util::secs(start.elapsed())
     ));
@@ -196,12 +230,13 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
         match &o.artifact {
             Some(artifact) => {
                 util::say(format!("  input: {artifact}"));
+                let s = plan.sanitizer.cli;
                 util::say(format!(
-                    "  reproduce: cargo +nightly fuzz run {} {artifact}",
+                    "  reproduce: cargo +nightly fuzz run{s} {} {artifact}",
                     o.target
                 ));
                 util::say(format!(
-                    "  minimize:  cargo +nightly fuzz tmin {} {artifact}",
+                    "  minimize:  cargo +nightly fuzz tmin{s} {} {artifact}",
                     o.target
                 ));
             }
@@ -320,6 +355,41 @@ struct Plan {
     seconds: u64,
     workers: u32,
     runs: Option<u64>,
+    sanitizer: Sanitizer,
+}
+
+/// The sanitizer the targets are built with, as cargo-fuzz options.
+struct Sanitizer {
+    /// For messages.
+    name: &'static str,
+    /// For `cargo fuzz build` and `run`.
+    args: Vec<std::ffi::OsString>,
+    /// For the commands printed to reproduce a finding.
+    cli: &'static str,
+}
+
+impl Sanitizer {
+    fn new(asan: bool, fuzz_dir: &Path) -> Self {
+        if asan {
+            return Self {
+                name: "AddressSanitizer",
+                args: Vec::new(),
+                cli: "",
+            };
+        }
+        // Its own target directory: switching would rebuild everything.
+        let dir = fuzz_dir.join("target").join("no-sanitizer");
+        Self {
+            name: "no sanitizer",
+            args: vec![
+                "--sanitizer".into(),
+                "none".into(),
+                "--target-dir".into(),
+                dir.into_os_string(),
+            ],
+            cli: " --sanitizer none --target-dir fuzz/target/no-sanitizer",
+        }
+    }
 }
 
 fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, plan: &Plan) -> Result<Outcome> {
@@ -327,6 +397,7 @@ fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, plan: &Plan) -> Result
         seconds,
         workers,
         runs,
+        ref sanitizer,
     } = *plan;
     let work_corpus = fuzz_dir.join("target").join("xtask-corpus").join(target);
     let seeds = fuzz_dir.join("corpus").join(target);
@@ -343,7 +414,9 @@ fn run_target(fuzz_dir: &Path, logs: &Path, target: &str, plan: &Plan) -> Result
         .context(|| format!("cannot reopen {}", log.display()))?;
 
     let mut cmd = nightly_cargo();
-    cmd.args(["fuzz", "run", "--fuzz-dir"])
+    cmd.args(["fuzz", "run"])
+        .args(&sanitizer.args)
+        .arg("--fuzz-dir")
         .arg(fuzz_dir)
         .arg(target)
         .arg(&work_corpus)
@@ -505,6 +578,11 @@ mod tests {
         let o = parse_args(&words(&["--runs", "1000000", "--seconds=600"])).unwrap();
         assert_eq!((o.runs, o.seconds), (Some(1_000_000), 600));
         assert!(parse_args(&words(&["--runs=x"])).is_err());
+        assert!(parse_args(&words(&[])).unwrap().asan);
+        assert!(!parse_args(&words(&["--sanitizer", "none"])).unwrap().asan);
+        assert!(parse_args(&words(&["--sanitizer=address"])).unwrap().asan);
+        assert!(parse_args(&words(&["--sanitizer=memory"])).is_err());
+        assert!(parse_args(&words(&["--sanitizer"])).is_err());
     }
 
     #[test]
