@@ -78,8 +78,8 @@ impl Guest {
     fn collect_marked(&mut self) {
         let region = self.mem.find_region(GuestAddress(0)).expect("one region");
         let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-        self.fresh.clear();
-        self.fresh.resize(self.marked.len(), 0);
+        // `fresh` has `marked`'s length from `new` on.
+        self.fresh.fill(0);
         for ((m, f), w) in self.marked.iter_mut().zip(&mut self.fresh).zip(words) {
             *m |= w;
             *f = w;

@@ -230,7 +230,7 @@ pub fn fuzz(options: &FuzzOptions) -> Result<i32> {
         match &o.artifact {
             Some(artifact) => {
                 util::say(format!("  input: {artifact}"));
-                let s = plan.sanitizer.cli;
+                let s = plan.sanitizer.cli();
                 util::say(format!(
                     "  reproduce: cargo +nightly fuzz run{s} {} {artifact}",
                     o.target
@@ -364,8 +364,6 @@ struct Sanitizer {
     name: &'static str,
     /// For `cargo fuzz build` and `run`.
     args: Vec<std::ffi::OsString>,
-    /// For the commands printed to reproduce a finding.
-    cli: &'static str,
 }
 
 impl Sanitizer {
@@ -374,7 +372,6 @@ impl Sanitizer {
             return Self {
                 name: "AddressSanitizer",
                 args: Vec::new(),
-                cli: "",
             };
         }
         // Its own target directory: switching would rebuild everything.
@@ -387,8 +384,15 @@ impl Sanitizer {
                 "--target-dir".into(),
                 dir.into_os_string(),
             ],
-            cli: " --sanitizer none --target-dir fuzz/target/no-sanitizer",
         }
+    }
+
+    /// `args` as they go on a printed command line (each after a space).
+    fn cli(&self) -> String {
+        self.args
+            .iter()
+            .map(|a| format!(" {}", a.to_string_lossy()))
+            .collect()
     }
 }
 

@@ -361,10 +361,15 @@ impl Connection {
                 self.need_response
                     || self.need_shutdown != 0
                     || self.need_credit_update
-                    || (self.host_readable && !self.read_closed && self.peer_credit() > 0)
+                    || self.data_waits()
             }
             _ => false,
         }
+    }
+
+    /// Whether the host stream has data the guest has credit for.
+    fn data_waits(&self) -> bool {
+        self.host_readable && !self.read_closed && self.peer_credit() > 0
     }
 
     /// A header for a packet to the guest; it carries the current credit,
@@ -439,8 +444,7 @@ impl Connection {
         // update fits, uses the buffer, and says nothing untrue. Returning
         // nothing here would leave the connection ready and the buffer
         // first in line, so the device would look at it again forever.
-        let data_waits = self.host_readable && !self.read_closed && self.peer_credit() > 0;
-        if self.need_credit_update || (cap == 0 && data_waits) {
+        if self.need_credit_update || (cap == 0 && self.data_waits()) {
             return RxOutcome::Packet(self.header(guest_cid, op::CREDIT_UPDATE, 0, 0), 0);
         }
         RxOutcome::Nothing
